@@ -1,0 +1,53 @@
+//! The roam protocol core: migrateable stream sessions as a pure state machine.
+//!
+//! This crate performs no I/O: no sockets, no clock, no randomness of its own. Time
+//! (`Instant`), received frames and random bytes ([`Entropy`]) are passed in; frames to send and
+//! events are polled out. The `roam` crate drives it with tokio; tests drive it with a
+//! simulated network and a virtual clock. The protocol it implements is specified in
+//! `docs/PROTOCOL.md`; section numbers in comments refer to that document.
+//!
+//! - [`frame`]: the wire format.
+//! - [`session`]: one session (the patent's roam socket module): association, data with byte
+//!   sequence numbers and acknowledgements, freeze, re-association.
+//! - [`image`]: the versioned, integrity-checked migration image.
+//!
+//! ```
+//! use std::time::Instant;
+//! use roam_proto::{Associating, ConnId, Entropy, EndpointId, Frame, LocalInfo, Session, SessionConfig, SessionId};
+//!
+//! let now = Instant::now();
+//! let a = LocalInfo { endpoint: EndpointId([1; 16]), contact: "127.0.0.2:7000".parse().unwrap() };
+//! let b = LocalInfo { endpoint: EndpointId([2; 16]), contact: "127.0.0.3:7000".parse().unwrap() };
+//! let (dialing, hello) = Associating::new(a, &Entropy { secret: [7; 32], nonce: [8; 16] });
+//! let Frame::Hello(hello) = hello else { unreachable!() };
+//! let (mut listener, welcome) = Session::accept_hello(
+//!     now, ConnId(1), &hello, SessionId([9; 16]), b,
+//!     &Entropy { secret: [5; 32], nonce: [6; 16] }, SessionConfig::default(),
+//! ).unwrap();
+//! let mut dialer = dialing.handle(now, ConnId(1), welcome, SessionConfig::default()).unwrap();
+//! dialer.write(b"hello").unwrap();
+//! let t = dialer.poll_transmit(now).unwrap();
+//! let frame = Frame::decode_exact(&t.to_vec()).unwrap();
+//! listener.handle_frame(now, ConnId(1), frame).unwrap();
+//! let mut buf = [0; 5];
+//! assert_eq!(listener.read(&mut buf), Ok(5));
+//! assert_eq!(&buf, b"hello");
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod codec;
+mod crypto;
+pub mod frame;
+pub mod image;
+pub mod session;
+mod types;
+
+pub use crypto::SessionKey;
+pub use frame::{Frame, FrameError, RefuseReason};
+pub use image::{ImageError, StreamImage};
+pub use session::{
+    Associating, Event, FreezeError, HandshakeError, LocalInfo, PeerInfo, ProtocolViolation,
+    ReadError, Session, SessionConfig, SessionError, Stats, Transmit, WriteError,
+};
+pub use types::{ConnId, EndpointId, Entropy, Epoch, Offset, SessionId};

@@ -1,0 +1,1579 @@
+//! The roam socket module: one session's state machine (PROTOCOL.md §4–§7).
+//!
+//! This object performs no I/O whatsoever. A driver feeds it what happened and polls out what to
+//! do. Its methods fall into four groups, called in this order by a driver:
+//!
+//! - **getters**: [`Session::id`], [`Session::link`], [`Session::stats`], …
+//! - **`handle_*`**: [`Session::handle_frame`] for frames read from the current connection,
+//!   [`Session::handle_timeout`] when [`Session::poll_timeout`] expires,
+//!   [`Session::handle_connection_lost`], and the re-association steps
+//!   ([`Session::start_reassoc`] / [`Session::handle_accept`] on the dialing side,
+//!   [`Session::handle_reassoc`] / [`Session::handle_confirm`] on the listening side);
+//! - **commands** from the application: [`Session::write`], [`Session::read`],
+//!   [`Session::shutdown_write`], [`Session::detach`], [`Session::freeze`];
+//! - **`poll_*`**: [`Session::poll_transmit`] until it returns `None`, then
+//!   [`Session::poll_event`] until `None`, then [`Session::poll_timeout`] to arm the timer.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::crypto::{self, Ephemeral, SessionKey};
+use crate::frame::{
+    data_header, Accept, Confirm, Frame, Hello, Reassoc, RefuseReason, Welcome, DATA_HEADER_LEN,
+    MAX_FRAME_BODY,
+};
+use crate::image::StreamImage;
+use crate::types::{ConnId, EndpointId, Entropy, Epoch, Offset, SessionId};
+
+/// Every receiver accepts at least this many bytes beyond its read offset before it has
+/// advertised a window (PROTOCOL.md §4.2).
+pub const MIN_WINDOW: u64 = 64 * 1024;
+
+const LABEL_WELCOME: &[u8] = b"roam/v1/welcome";
+const LABEL_REASSOC: &[u8] = b"roam/v1/reassoc";
+const LABEL_ACCEPT: &[u8] = b"roam/v1/accept";
+const LABEL_CONFIRM: &[u8] = b"roam/v1/confirm";
+
+/// Tunable limits and timers of a session. [`Default`] gives the documented defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionConfig {
+    /// Bytes the application may have written but the peer not yet acknowledged; writes wait
+    /// beyond it. Default 1 MiB.
+    pub send_capacity: usize,
+    /// Bytes received but not yet read that the session will hold; advertised to the peer as
+    /// its window. At least [`MIN_WINDOW`]. Default 1 MiB.
+    pub recv_capacity: usize,
+    /// Largest payload in one `Data` frame. Default 64 KiB.
+    pub max_frame_payload: usize,
+    /// Send an acknowledgement at once when this many bytes are unacknowledged. Default 64 KiB.
+    pub ack_threshold: u64,
+    /// Otherwise acknowledge at most this long after receiving. Default 5 ms.
+    pub ack_delay: Duration,
+    /// Send a keep-alive after this long without sending. Default 2 s.
+    pub keepalive_interval: Duration,
+    /// Declare the connection dead after this long without receiving. Default 6 s.
+    pub idle_timeout: Duration,
+    /// Fail the session after this long without a working connection. Default 30 s.
+    pub session_timeout: Duration,
+    /// Give up waiting for the peer's `FreezeAck` after this long; the image then keeps every
+    /// unacknowledged byte. Default 2 s.
+    pub freeze_timeout: Duration,
+    /// First delay before redialing a lost connection; doubles up to `redial_max`. Default 10 ms.
+    pub redial_initial: Duration,
+    /// Longest delay between redials. Default 1 s.
+    pub redial_max: Duration,
+    /// Re-associations accepted but not yet confirmed that a session remembers. Default 4.
+    pub max_pending_reassoc: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            send_capacity: 1 << 20,
+            recv_capacity: 1 << 20,
+            max_frame_payload: 64 * 1024,
+            ack_threshold: 64 * 1024,
+            ack_delay: Duration::from_millis(5),
+            keepalive_interval: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(6),
+            session_timeout: Duration::from_secs(30),
+            freeze_timeout: Duration::from_secs(2),
+            redial_initial: Duration::from_millis(10),
+            redial_max: Duration::from_secs(1),
+            max_pending_reassoc: 4,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// Clamp every field into its valid range (e.g. `recv_capacity ≥ MIN_WINDOW`).
+    pub fn normalized(mut self) -> Self {
+        self.recv_capacity = self.recv_capacity.max(MIN_WINDOW as usize);
+        self.send_capacity = self.send_capacity.max(1);
+        self.max_frame_payload = self.max_frame_payload.clamp(1, MAX_FRAME_BODY - 64);
+        self.ack_threshold = self.ack_threshold.max(1);
+        self.max_pending_reassoc = self.max_pending_reassoc.max(1);
+        self
+    }
+}
+
+/// This side's identity and where it can be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalInfo {
+    /// The endpoint's identity.
+    pub endpoint: EndpointId,
+    /// The address peers dial to re-associate (the endpoint's listening or advertised address).
+    pub contact: SocketAddr,
+}
+
+/// What a session knows of its peer: learned at association, updated at re-association.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The peer endpoint's identity.
+    pub endpoint: EndpointId,
+    /// Where the peer can be reached.
+    pub contact: SocketAddr,
+}
+
+/// Why a session ended with an error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// No working connection to the peer for the whole session timeout.
+    #[error("peer unreachable for {0:?} (session timeout)")]
+    TimedOut(Duration),
+    /// The peer refused to re-associate.
+    #[error("peer refused re-association: {0}")]
+    Refused(RefuseReason),
+}
+
+/// Why the application cannot write now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// The send buffer is full; wait for acknowledgements.
+    #[error("send buffer full")]
+    Blocked,
+    /// The write half was shut down.
+    #[error("write half closed")]
+    Finished,
+    /// The session is frozen or freezing.
+    #[error("session frozen")]
+    Frozen,
+    /// The session failed.
+    #[error(transparent)]
+    Failed(SessionError),
+}
+
+/// Why the application cannot read now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// Nothing buffered yet; wait.
+    #[error("no data available")]
+    Blocked,
+    /// The session is frozen or freezing.
+    #[error("session frozen")]
+    Frozen,
+    /// The session failed.
+    #[error(transparent)]
+    Failed(SessionError),
+}
+
+/// Why [`Session::freeze`] could not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FreezeError {
+    /// A freeze already started.
+    #[error("already frozen or freezing")]
+    AlreadyFrozen,
+    /// The session failed before it could be frozen.
+    #[error(transparent)]
+    Failed(SessionError),
+    /// The session has closed; there is nothing to migrate.
+    #[error("session closed")]
+    Closed,
+}
+
+/// A frame on the current connection broke the protocol; the driver drops that connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("protocol violation: {0}")]
+pub struct ProtocolViolation(pub &'static str);
+
+/// Why an association handshake failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The peer's key confirmation did not verify.
+    #[error("key confirmation failed")]
+    BadProof,
+    /// The peer's key is a low-order point.
+    #[error("peer sent a weak key")]
+    WeakKey,
+    /// The peer refused.
+    #[error("refused: {0}")]
+    Refused(RefuseReason),
+    /// The peer sent a frame that does not belong in the handshake.
+    #[error("unexpected frame in handshake")]
+    Unexpected,
+}
+
+/// Something the driver must act on, from [`Session::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// Open a transport connection to this address, then call [`Session::start_reassoc`] on it,
+    /// or [`Session::handle_dial_failed`] if it cannot be opened.
+    Dial(SocketAddr),
+    /// Close this connection; the session no longer uses it.
+    CloseConnection(ConnId),
+    /// A connection became current (after association or re-association).
+    Established {
+        /// The connection.
+        conn: ConnId,
+        /// The epoch now in force.
+        epoch: Epoch,
+    },
+    /// The freeze finished; [`Session::image`] is ready.
+    Frozen,
+    /// Both directions finished and the application let go: the session is over.
+    Closed,
+    /// The session failed for good.
+    Failed(SessionError),
+}
+
+/// Counters describing a session's life (they migrate with it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes the application wrote.
+    pub bytes_written: u64,
+    /// Bytes the application read.
+    pub bytes_read: u64,
+    /// Bytes transmitted again after a reconnection.
+    pub bytes_replayed: u64,
+    /// Received bytes dropped because they had already arrived.
+    pub bytes_duplicate: u64,
+    /// Re-associations completed (migrations and reconnections).
+    pub reassociations: u64,
+    /// Transport connections lost without a planned freeze.
+    pub connections_lost: u64,
+    /// Planned migrations (freezes) this session went through, on either side.
+    pub migrations: u64,
+}
+
+/// One frame ready for the current connection: a small header and an optional payload that is
+/// sent by reference (a vectored write avoids copying it).
+#[derive(Debug, Clone)]
+pub struct Transmit {
+    header: [u8; 32],
+    header_len: u8,
+    /// Payload bytes following the header (empty for control frames).
+    pub payload: Bytes,
+}
+
+impl Transmit {
+    fn control(frame: &Frame) -> Transmit {
+        let enc = frame.to_bytes();
+        let mut header = [0u8; 32];
+        // Control frames polled from a session are at most 21 bytes.
+        header[..enc.len()].copy_from_slice(&enc);
+        Transmit {
+            header,
+            header_len: enc.len() as u8,
+            payload: Bytes::new(),
+        }
+    }
+
+    fn data(h: [u8; DATA_HEADER_LEN], payload: Bytes) -> Transmit {
+        let mut header = [0u8; 32];
+        header[..DATA_HEADER_LEN].copy_from_slice(&h);
+        Transmit {
+            header,
+            header_len: DATA_HEADER_LEN as u8,
+            payload,
+        }
+    }
+
+    /// The frame header (for control frames, the whole frame).
+    pub fn header(&self) -> &[u8] {
+        &self.header[..self.header_len as usize]
+    }
+
+    /// Total bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.header_len as usize + self.payload.len()
+    }
+
+    /// Never true: every frame has a header.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Header and payload as one buffer (copies; for tests and simple drivers).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = self.header().to_vec();
+        v.extend_from_slice(&self.payload);
+        v
+    }
+}
+
+/// Proof that the peer demonstrated possession of the session key on a connection. Only the
+/// verification paths in this module can make one, and a connection becomes current only with
+/// one (PROTOCOL.md §5.2).
+struct ProofOfKey(());
+
+/// The current transport connection and its per-connection flags.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    conn: ConnId,
+    last_rx: Instant,
+    last_tx: Instant,
+    fin_sent: bool,
+    freeze_sent: bool,
+    freeze_ack_due: bool,
+    /// Nothing more may be sent on this connection (after `FreezeAck`).
+    closing: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Open,
+    Freezing { deadline: Instant },
+    Frozen,
+    Closed,
+    Failed,
+}
+
+/// A listener-side re-association accepted but not yet confirmed.
+struct Pending {
+    conn: ConnId,
+    epoch: Epoch,
+    key: SessionKey,
+    reassoc_signed: Vec<u8>,
+    accept_signed: Vec<u8>,
+    peer: PeerInfo,
+    peer_recv: Offset,
+}
+
+/// A dialer-side re-association in flight.
+struct Dialing {
+    conn: Option<ConnId>,
+    eph: Option<Ephemeral>,
+    reassoc_signed: Vec<u8>,
+}
+
+/// The dialing half of an association handshake (PROTOCOL.md §5.1).
+pub struct Associating {
+    local: LocalInfo,
+    eph: Ephemeral,
+    hello: Hello,
+}
+
+impl Associating {
+    /// Begin associating: returns the state to keep and the `Hello` to send.
+    pub fn new(local: LocalInfo, entropy: &Entropy) -> (Associating, Frame) {
+        let eph = Ephemeral::new(entropy.secret);
+        let hello = Hello {
+            endpoint: local.endpoint,
+            contact: local.contact,
+            eph: eph.public,
+            nonce: entropy.nonce,
+        };
+        let frame = Frame::Hello(hello.clone());
+        (Associating { local, eph, hello }, frame)
+    }
+
+    /// Handle the listener's answer; on success the session is established on `conn`.
+    pub fn handle(
+        self,
+        now: Instant,
+        conn: ConnId,
+        frame: Frame,
+        config: SessionConfig,
+    ) -> Result<Session, HandshakeError> {
+        let w = match frame {
+            Frame::Welcome(w) => w,
+            Frame::Refuse(r) => return Err(HandshakeError::Refused(r)),
+            _ => return Err(HandshakeError::Unexpected),
+        };
+        let shared = self
+            .eph
+            .agree(&w.eph)
+            .map_err(|_| HandshakeError::WeakKey)?;
+        let signed = w.signed();
+        let key = crypto::initial_key(&shared, &self.hello.transcript(), &signed);
+        if !crypto::verify(&key, LABEL_WELCOME, &[&signed], &w.mac) {
+            return Err(HandshakeError::BadProof);
+        }
+        let peer = PeerInfo {
+            endpoint: w.endpoint,
+            contact: w.contact,
+        };
+        let mut s = Session::new(config, w.session, self.local, peer, key, now);
+        s.install_link(ProofOfKey(()), now, conn, true);
+        Ok(s)
+    }
+}
+
+/// One roam session: the state of a migrateable stream's roam socket module.
+pub struct Session {
+    config: SessionConfig,
+    id: SessionId,
+    local: LocalInfo,
+    peer: PeerInfo,
+    epoch: Epoch,
+    key: SessionKey,
+    pending: VecDeque<Pending>,
+    dialing: Option<Dialing>,
+    link: Option<Link>,
+    /// This side opened the current (or last) connection, so it redials after a loss.
+    dialer: bool,
+    /// The peer announced a freeze: wait for its re-association instead of dialing.
+    peer_migrating: bool,
+    phase: Phase,
+    down_since: Option<Instant>,
+    next_dial: Option<Instant>,
+    backoff: Duration,
+    failure: Option<SessionError>,
+
+    // Send direction (PROTOCOL.md §4.1).
+    tx_acked: Offset,
+    retained: VecDeque<Bytes>,
+    retained_len: u64,
+    unsent: BytesMut,
+    tx_next: Offset,
+    tx_next_chunk: usize,
+    fin: Option<Offset>,
+    fin_acked: bool,
+    peer_limit: Offset,
+
+    // Receive direction; `rx_queue` is the synchronization buffer (claims 6, 7).
+    rx_recv: Offset,
+    rx_queue: VecDeque<Bytes>,
+    rx_queued: u64,
+    peer_fin: Option<Offset>,
+    acked_sent: Offset,
+    limit_sent: Offset,
+    ack_now: bool,
+    ack_due: Option<Instant>,
+
+    app_detached: bool,
+    events: VecDeque<Event>,
+    wake_read: bool,
+    wake_write: bool,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("epoch", &self.epoch)
+            .field("phase", &self.phase)
+            .field("link", &self.link.map(|l| l.conn))
+            .field("dialer", &self.dialer)
+            .field("tx_acked", &self.tx_acked)
+            .field("tx_next", &self.tx_next)
+            .field("tx_written", &self.tx_written())
+            .field("rx_recv", &self.rx_recv)
+            .field("rx_queued", &self.rx_queued)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    fn new(
+        config: SessionConfig,
+        id: SessionId,
+        local: LocalInfo,
+        peer: PeerInfo,
+        key: SessionKey,
+        now: Instant,
+    ) -> Session {
+        let config = config.normalized();
+        Session {
+            backoff: config.redial_initial,
+            config,
+            id,
+            local,
+            peer,
+            epoch: Epoch(0),
+            key,
+            pending: VecDeque::new(),
+            dialing: None,
+            link: None,
+            dialer: false,
+            peer_migrating: false,
+            phase: Phase::Open,
+            down_since: Some(now),
+            next_dial: None,
+            failure: None,
+            tx_acked: Offset(0),
+            retained: VecDeque::new(),
+            retained_len: 0,
+            unsent: BytesMut::new(),
+            tx_next: Offset(0),
+            tx_next_chunk: 0,
+            fin: None,
+            fin_acked: false,
+            peer_limit: Offset(MIN_WINDOW),
+            rx_recv: Offset(0),
+            rx_queue: VecDeque::new(),
+            rx_queued: 0,
+            peer_fin: None,
+            acked_sent: Offset(0),
+            limit_sent: Offset(0),
+            ack_now: false,
+            ack_due: None,
+            app_detached: false,
+            events: VecDeque::new(),
+            wake_read: false,
+            wake_write: false,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Listening half of association: answer a `Hello` on `conn` (PROTOCOL.md §5.1).
+    ///
+    /// `id` must be unused at this endpoint. Returns the established session and the
+    /// `Welcome` to send.
+    pub fn accept_hello(
+        now: Instant,
+        conn: ConnId,
+        hello: &Hello,
+        id: SessionId,
+        local: LocalInfo,
+        entropy: &Entropy,
+        config: SessionConfig,
+    ) -> Result<(Session, Frame), HandshakeError> {
+        let eph = Ephemeral::new(entropy.secret);
+        let shared = eph.agree(&hello.eph).map_err(|_| HandshakeError::WeakKey)?;
+        let mut w = Welcome {
+            session: id,
+            endpoint: local.endpoint,
+            contact: local.contact,
+            eph: eph.public,
+            nonce: entropy.nonce,
+            mac: [0; 32],
+        };
+        let signed = w.signed();
+        let key = crypto::initial_key(&shared, &hello.transcript(), &signed);
+        w.mac = crypto::mac(&key, LABEL_WELCOME, &[&signed]);
+        let peer = PeerInfo {
+            endpoint: hello.endpoint,
+            contact: hello.contact,
+        };
+        let mut s = Session::new(config, id, local, peer, key, now);
+        s.install_link(ProofOfKey(()), now, conn, false);
+        Ok((s, Frame::Welcome(w)))
+    }
+
+    /// Rebuild a session from an image on a new host (PROTOCOL.md §6.3). It starts
+    /// disconnected and asks at once to dial the peer.
+    pub fn from_image(
+        image: StreamImage,
+        local: LocalInfo,
+        config: SessionConfig,
+        now: Instant,
+    ) -> Session {
+        let mut s = Session::new(
+            config,
+            image.session,
+            local,
+            image.peer,
+            image.key.clone(),
+            now,
+        );
+        s.epoch = image.epoch;
+        s.dialer = true;
+        s.next_dial = Some(now);
+        s.tx_acked = image.tx_acked;
+        s.tx_next = image.tx_acked;
+        s.unsent = BytesMut::from(&image.tx_data[..]);
+        s.fin = image.fin;
+        s.peer_limit = image.peer_limit;
+        s.rx_recv = image.rx_recv;
+        s.rx_queued = image.rx_data.len() as u64;
+        if !image.rx_data.is_empty() {
+            s.rx_queue.push_back(image.rx_data.clone());
+        }
+        s.peer_fin = image.peer_fin;
+        s.acked_sent = image.rx_recv;
+        s.stats = image.stats;
+        s
+    }
+
+    // ---------------------------------------------------------------- getters
+
+    /// The session id.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// What this side knows of the peer.
+    pub fn peer(&self) -> PeerInfo {
+        self.peer
+    }
+
+    /// This side's identity and contact address.
+    pub fn local(&self) -> LocalInfo {
+        self.local
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    /// The connection currently carrying the session, if any.
+    pub fn link(&self) -> Option<ConnId> {
+        self.link.map(|l| l.conn)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// True once [`Event::Frozen`] was emitted.
+    pub fn is_frozen(&self) -> bool {
+        self.phase == Phase::Frozen
+    }
+
+    /// True while a freeze is in progress.
+    pub fn is_freezing(&self) -> bool {
+        matches!(self.phase, Phase::Freezing { .. })
+    }
+
+    /// True once the session is over (closed, failed or frozen): the driver may stop.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Frozen | Phase::Closed | Phase::Failed)
+    }
+
+    /// The terminal error, if the session failed.
+    pub fn failure(&self) -> Option<&SessionError> {
+        self.failure.as_ref()
+    }
+
+    /// Bytes written by the application and not yet acknowledged by the peer.
+    pub fn unacked(&self) -> u64 {
+        self.tx_written().since(self.tx_acked)
+    }
+
+    /// Bytes received and not yet read by the application.
+    pub fn readable_bytes(&self) -> u64 {
+        self.rx_queued
+    }
+
+    /// True when the peer ended its write half and every byte before it was read.
+    pub fn at_eof(&self) -> bool {
+        self.rx_queued == 0 && self.peer_fin.is_some_and(|f| f == self.rx_recv)
+    }
+
+    /// Whether the application's reader should be woken (clears the flag).
+    pub fn take_wake_read(&mut self) -> bool {
+        std::mem::take(&mut self.wake_read)
+    }
+
+    /// Whether the application's writer should be woken (clears the flag).
+    pub fn take_wake_write(&mut self) -> bool {
+        std::mem::take(&mut self.wake_write)
+    }
+
+    fn tx_sent_end(&self) -> Offset {
+        self.tx_acked.plus(self.retained_len)
+    }
+
+    fn tx_written(&self) -> Offset {
+        self.tx_sent_end().plus(self.unsent.len() as u64)
+    }
+
+    fn rx_read(&self) -> Offset {
+        Offset(self.rx_recv.0 - self.rx_queued)
+    }
+
+    fn local_limit(&self) -> Offset {
+        self.rx_read().plus(self.config.recv_capacity as u64)
+    }
+
+    /// The acknowledgement value: bytes received, plus one once the peer's end of stream is in.
+    fn ack_value(&self) -> Offset {
+        match self.peer_fin {
+            Some(f) if f == self.rx_recv => f.plus(1),
+            _ => self.rx_recv,
+        }
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    /// Copy application bytes into the send buffer (the only copy on the send path).
+    pub fn write(&mut self, data: &[u8]) -> Result<usize, WriteError> {
+        match self.phase {
+            Phase::Open => {}
+            Phase::Freezing { .. } | Phase::Frozen => return Err(WriteError::Frozen),
+            Phase::Failed => return Err(WriteError::Failed(self.failure_or_timeout())),
+            Phase::Closed => return Err(WriteError::Finished),
+        }
+        if self.fin.is_some() {
+            return Err(WriteError::Finished);
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let room = (self.config.send_capacity as u64).saturating_sub(self.unacked());
+        if room == 0 {
+            return Err(WriteError::Blocked);
+        }
+        let n = (room as usize).min(data.len());
+        self.unsent.extend_from_slice(&data[..n]);
+        self.stats.bytes_written += n as u64;
+        Ok(n)
+    }
+
+    /// Copy buffered input to the application: synchronization-buffer bytes first (claim 7).
+    /// `Ok(0)` means end of stream.
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, ReadError> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.rx_queued > 0 {
+            let mut n = 0;
+            while n < buf.len() {
+                let Some(front) = self.rx_queue.front_mut() else {
+                    break;
+                };
+                let k = front.len().min(buf.len() - n);
+                buf[n..n + k].copy_from_slice(&front[..k]);
+                front.advance(k);
+                if front.is_empty() {
+                    self.rx_queue.pop_front();
+                }
+                n += k;
+            }
+            self.rx_queued -= n as u64;
+            self.stats.bytes_read += n as u64;
+            self.maybe_window_update();
+            return Ok(n);
+        }
+        if self.at_eof() {
+            return Ok(0);
+        }
+        match self.phase {
+            Phase::Failed => Err(ReadError::Failed(self.failure_or_timeout())),
+            Phase::Freezing { .. } | Phase::Frozen => Err(ReadError::Frozen),
+            Phase::Open | Phase::Closed => Err(ReadError::Blocked),
+        }
+    }
+
+    /// End the write half: the peer reads end-of-stream after the last byte written.
+    pub fn shutdown_write(&mut self) {
+        if self.fin.is_none() && self.phase == Phase::Open {
+            self.fin = Some(self.tx_written());
+        }
+    }
+
+    /// The application let go of the stream: end the write half and discard further input.
+    pub fn detach(&mut self, now: Instant) {
+        self.shutdown_write();
+        self.app_detached = true;
+        self.rx_queue.clear();
+        self.rx_queued = 0;
+        self.maybe_window_update();
+        self.check_closed(now);
+    }
+
+    /// Whether a window update is worth sending now (the application read a lot).
+    pub fn wants_transmit(&self) -> bool {
+        self.ack_now || !self.unsent.is_empty()
+    }
+
+    /// Start a planned migration (PROTOCOL.md §6.1, claims 12a, 16): stop application I/O,
+    /// send the close message, and drain. [`Event::Frozen`] follows.
+    pub fn freeze(&mut self, now: Instant) -> Result<(), FreezeError> {
+        match self.phase {
+            Phase::Open => {}
+            Phase::Freezing { .. } | Phase::Frozen => return Err(FreezeError::AlreadyFrozen),
+            Phase::Failed => return Err(FreezeError::Failed(self.failure_or_timeout())),
+            Phase::Closed => return Err(FreezeError::Closed),
+        }
+        self.stats.migrations += 1;
+        self.dialing = None;
+        self.pending.clear();
+        self.next_dial = None;
+        match self.link {
+            Some(l) if !l.closing => {
+                self.phase = Phase::Freezing {
+                    deadline: now + self.config.freeze_timeout,
+                };
+            }
+            _ => self.finish_freeze(),
+        }
+        Ok(())
+    }
+
+    /// The migration image of a frozen session (PROTOCOL.md §7, claim 19).
+    pub fn image(&self) -> Option<StreamImage> {
+        if self.phase != Phase::Frozen {
+            return None;
+        }
+        let mut tx = BytesMut::with_capacity(self.unacked() as usize);
+        for c in &self.retained {
+            tx.extend_from_slice(c);
+        }
+        tx.extend_from_slice(&self.unsent);
+        let rx = match self.rx_queue.len() {
+            0 => Bytes::new(),
+            1 => self.rx_queue[0].clone(),
+            _ => {
+                let mut b = BytesMut::with_capacity(self.rx_queued as usize);
+                for c in &self.rx_queue {
+                    b.extend_from_slice(c);
+                }
+                b.freeze()
+            }
+        };
+        Some(StreamImage {
+            session: self.id,
+            epoch: self.epoch,
+            key: self.key.clone(),
+            local: self.local,
+            peer: self.peer,
+            tx_acked: self.tx_acked,
+            tx_data: tx.freeze(),
+            fin: self.fin,
+            peer_limit: self.peer_limit,
+            rx_recv: self.rx_recv,
+            rx_data: rx,
+            peer_fin: self.peer_fin,
+            stats: self.stats,
+        })
+    }
+
+    // ---------------------------------------------------------------- handle_*
+
+    /// Handle one frame read from connection `conn`. Frames from any connection other than the
+    /// current one are ignored. On `Err` the driver must close `conn`; the session then behaves
+    /// as after [`Session::handle_connection_lost`].
+    pub fn handle_frame(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        frame: Frame,
+    ) -> Result<(), ProtocolViolation> {
+        let Some(link) = self.link.as_mut() else {
+            return Ok(());
+        };
+        if link.conn != conn {
+            return Ok(());
+        }
+        link.last_rx = now;
+        let r = self.on_link_frame(now, frame);
+        if r.is_err() {
+            self.lose_link(now, true);
+        }
+        r
+    }
+
+    fn on_link_frame(&mut self, now: Instant, frame: Frame) -> Result<(), ProtocolViolation> {
+        match frame {
+            Frame::Data {
+                offset,
+                ack,
+                limit,
+                payload,
+            } => {
+                self.on_ack(ack)?;
+                self.on_limit(limit);
+                self.on_data(now, offset, payload)?;
+            }
+            Frame::Ack { ack, limit } => {
+                self.on_ack(ack)?;
+                self.on_limit(limit);
+            }
+            Frame::Fin { offset } => {
+                if offset < self.rx_recv || self.peer_fin.is_some_and(|f| f != offset) {
+                    return Err(ProtocolViolation("end of stream moved"));
+                }
+                if self.peer_fin.is_none() {
+                    self.peer_fin = Some(offset);
+                    if offset == self.rx_recv {
+                        self.ack_now = true;
+                        self.wake_read = true;
+                    }
+                }
+            }
+            Frame::Freeze { ack } => {
+                // Claim 17: the peer is migrating; answer so it can drain, then wait for it.
+                self.on_ack(ack)?;
+                self.peer_migrating = true;
+                self.stats.migrations += 1;
+                if let Some(l) = self.link.as_mut() {
+                    l.freeze_ack_due = true;
+                }
+            }
+            Frame::FreezeAck { ack } => {
+                self.on_ack(ack)?;
+                if matches!(self.phase, Phase::Freezing { .. }) {
+                    self.finish_freeze();
+                } else {
+                    return Err(ProtocolViolation("FreezeAck without Freeze"));
+                }
+            }
+            Frame::Ping => {}
+            _ => {
+                return Err(ProtocolViolation(
+                    "handshake frame on an established connection",
+                ))
+            }
+        }
+        self.check_closed(now);
+        Ok(())
+    }
+
+    fn on_ack(&mut self, ack: Offset) -> Result<(), ProtocolViolation> {
+        let sent_end = self.tx_sent_end();
+        let fin_bonus = u64::from(self.fin == Some(sent_end));
+        if ack.0 > sent_end.0 + fin_bonus {
+            return Err(ProtocolViolation("acknowledgement of unsent bytes"));
+        }
+        if self.fin.is_some_and(|f| ack == f.plus(1)) {
+            self.fin_acked = true;
+        }
+        let data_ack = ack.min(sent_end);
+        if data_ack <= self.tx_acked {
+            return Ok(());
+        }
+        let mut n = data_ack.since(self.tx_acked);
+        self.retained_len -= n;
+        while n > 0 {
+            // retained covers [tx_acked, sent_end) and n ≤ that length, so front exists.
+            let front = self
+                .retained
+                .front_mut()
+                .expect("retained covers acked range");
+            if (front.len() as u64) <= n {
+                n -= front.len() as u64;
+                self.retained.pop_front();
+                self.tx_next_chunk = self.tx_next_chunk.saturating_sub(1);
+            } else {
+                front.advance(n as usize);
+                n = 0;
+            }
+        }
+        self.tx_acked = data_ack;
+        if self.tx_next < self.tx_acked {
+            self.tx_next = self.tx_acked;
+            self.tx_next_chunk = 0;
+        }
+        self.wake_write = true;
+        Ok(())
+    }
+
+    fn on_limit(&mut self, limit: Offset) {
+        self.peer_limit = self.peer_limit.max(limit);
+    }
+
+    fn on_data(
+        &mut self,
+        now: Instant,
+        offset: Offset,
+        mut payload: Bytes,
+    ) -> Result<(), ProtocolViolation> {
+        let end = offset.plus(payload.len() as u64);
+        if offset > self.rx_recv {
+            return Err(ProtocolViolation("gap in stream data"));
+        }
+        if self.peer_fin.is_some_and(|f| end > f) {
+            return Err(ProtocolViolation("data beyond end of stream"));
+        }
+        if end > self.local_limit() {
+            return Err(ProtocolViolation("data beyond flow-control limit"));
+        }
+        let dup = self.rx_recv.since(offset).min(payload.len() as u64);
+        self.stats.bytes_duplicate += dup;
+        payload.advance(dup as usize);
+        if payload.is_empty() {
+            return Ok(());
+        }
+        let n = payload.len() as u64;
+        self.rx_recv = self.rx_recv.plus(n);
+        if !self.app_detached {
+            self.rx_queue.push_back(payload);
+            self.rx_queued += n;
+            self.wake_read = true;
+        }
+        if self.peer_fin == Some(self.rx_recv) {
+            self.ack_now = true;
+        }
+        if self.rx_recv.since(self.acked_sent) >= self.config.ack_threshold {
+            self.ack_now = true;
+        } else if self.ack_due.is_none() {
+            self.ack_due = Some(now + self.config.ack_delay);
+        }
+        Ok(())
+    }
+
+    fn maybe_window_update(&mut self) {
+        if self.local_limit().since(self.limit_sent) >= (self.config.recv_capacity as u64) / 2 {
+            self.ack_now = true;
+        }
+    }
+
+    /// The connection `conn` closed, reset or failed.
+    pub fn handle_connection_lost(&mut self, now: Instant, conn: ConnId) {
+        if self.dialing.as_ref().is_some_and(|d| d.conn == Some(conn)) {
+            self.handle_dial_failed(now);
+            return;
+        }
+        self.pending.retain(|p| p.conn != conn);
+        if self.link.is_some_and(|l| l.conn == conn) {
+            self.lose_link(now, false);
+        }
+    }
+
+    fn lose_link(&mut self, now: Instant, close: bool) {
+        let Some(l) = self.link.take() else { return };
+        if close {
+            self.events.push_back(Event::CloseConnection(l.conn));
+        }
+        if matches!(self.phase, Phase::Freezing { .. }) {
+            self.finish_freeze();
+            return;
+        }
+        if !l.closing && !self.peer_migrating {
+            self.stats.connections_lost += 1;
+        }
+        self.down_since = Some(now);
+        // A session whose both halves have finished may end when its connection does.
+        if self.app_detached && self.fin_done_or_acked() && self.peer_fin_in() {
+            self.close(now);
+            return;
+        }
+        if self.dialer && !self.peer_migrating && self.phase == Phase::Open {
+            self.next_dial = Some(now);
+            self.backoff = self.config.redial_initial;
+        }
+    }
+
+    fn fin_done_or_acked(&self) -> bool {
+        self.fin_acked || (self.fin.is_some() && self.unacked() == 0)
+    }
+
+    fn peer_fin_in(&self) -> bool {
+        self.peer_fin.is_some_and(|f| f == self.rx_recv)
+    }
+
+    /// A dial or a re-association attempt failed (connection refused, handshake timeout,
+    /// `Refuse(Busy)`); try again after a backoff.
+    pub fn handle_dial_failed(&mut self, now: Instant) {
+        if let Some(d) = self.dialing.take() {
+            if let Some(c) = d.conn {
+                self.events.push_back(Event::CloseConnection(c));
+            }
+        }
+        if self.phase == Phase::Open && self.link.is_none() && !self.peer_migrating {
+            self.next_dial = Some(now + self.backoff);
+            self.backoff = (self.backoff * 2).min(self.config.redial_max);
+        }
+    }
+
+    /// The peer refused our re-association on `conn`.
+    pub fn handle_refused(&mut self, now: Instant, conn: ConnId, reason: RefuseReason) {
+        if !self.dialing.as_ref().is_some_and(|d| d.conn == Some(conn)) {
+            return;
+        }
+        match reason {
+            // Transient: the peer may be mid-migration itself or at a limit.
+            RefuseReason::Busy | RefuseReason::UnknownSession | RefuseReason::Closed => {
+                self.handle_dial_failed(now)
+            }
+            _ => {
+                self.dialing = None;
+                self.events.push_back(Event::CloseConnection(conn));
+                self.fail(SessionError::Refused(reason));
+            }
+        }
+    }
+
+    /// Timers: call when [`Session::poll_timeout`]'s instant has passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.ack_due.is_some_and(|t| t <= now) {
+            self.ack_due = None;
+            self.ack_now = true;
+        }
+        if let Phase::Freezing { deadline } = self.phase {
+            if deadline <= now {
+                if let Some(l) = self.link.take() {
+                    self.events.push_back(Event::CloseConnection(l.conn));
+                }
+                self.finish_freeze();
+                return;
+            }
+        }
+        if let Some(l) = self.link {
+            if now.saturating_duration_since(l.last_rx) >= self.config.idle_timeout {
+                self.lose_link(now, true);
+            }
+        }
+        if self.link.is_none() && self.phase == Phase::Open {
+            if let Some(since) = self.down_since {
+                if now.saturating_duration_since(since) >= self.config.session_timeout {
+                    self.fail(SessionError::TimedOut(self.config.session_timeout));
+                    return;
+                }
+            }
+            if self.next_dial.is_some_and(|t| t <= now) && self.dialing.is_none() {
+                self.next_dial = None;
+                self.dialing = Some(Dialing {
+                    conn: None,
+                    eph: None,
+                    reassoc_signed: Vec::new(),
+                });
+                self.events.push_back(Event::Dial(self.peer.contact));
+            }
+        }
+    }
+
+    // ------------------------------------------------------ re-association (§5.2)
+
+    /// Dialing side: a connection asked for by [`Event::Dial`] is open as `conn`; returns the
+    /// `Reassoc` to send on it.
+    pub fn start_reassoc(&mut self, now: Instant, conn: ConnId, entropy: &Entropy) -> Frame {
+        let _ = now;
+        let eph = Ephemeral::new(entropy.secret);
+        let mut r = Reassoc {
+            session: self.id,
+            epoch: self.epoch,
+            endpoint: self.local.endpoint,
+            contact: self.local.contact,
+            eph: eph.public,
+            nonce: entropy.nonce,
+            recv: self.ack_value(),
+            mac: [0; 32],
+        };
+        let signed = r.signed();
+        r.mac = crypto::mac(&self.key, LABEL_REASSOC, &[&signed]);
+        self.dialing = Some(Dialing {
+            conn: Some(conn),
+            eph: Some(eph),
+            reassoc_signed: signed,
+        });
+        Frame::Reassoc(r)
+    }
+
+    /// Dialing side: the listener answered on `conn`. On success `conn` becomes current and
+    /// the returned `Confirm` must be sent on it before anything [`Session::poll_transmit`]
+    /// yields. On error the connection must be closed (the session retries or has failed).
+    pub fn handle_accept(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        frame: Frame,
+    ) -> Result<Frame, RefuseReason> {
+        let accept = match frame {
+            Frame::Accept(a) => a,
+            Frame::Refuse(r) => {
+                self.handle_refused(now, conn, r);
+                return Err(r);
+            }
+            _ => {
+                self.handle_dial_failed(now);
+                return Err(RefuseReason::Protocol);
+            }
+        };
+        let Some(d) = self.dialing.take_if(|d| d.conn == Some(conn)) else {
+            return Err(RefuseReason::Protocol);
+        };
+        let (Some(eph), signed) = (d.eph, d.reassoc_signed) else {
+            return Err(RefuseReason::Protocol);
+        };
+        let fail = |s: &mut Session, r| {
+            s.dialing = Some(Dialing {
+                conn: Some(conn),
+                eph: None,
+                reassoc_signed: Vec::new(),
+            });
+            s.handle_dial_failed(now);
+            Err(r)
+        };
+        let Ok(shared) = eph.agree(&accept.eph) else {
+            return fail(self, RefuseReason::BadProof);
+        };
+        let accept_signed = accept.signed();
+        let next = crypto::ratchet(&self.key, &shared, &signed, &accept_signed);
+        if !crypto::verify(&next, LABEL_ACCEPT, &[&signed, &accept_signed], &accept.mac) {
+            return fail(self, RefuseReason::BadProof);
+        }
+        if !self.ack_in_range(accept.recv) {
+            return fail(self, RefuseReason::Protocol);
+        }
+        let confirm = Confirm {
+            mac: crypto::mac(&next, LABEL_CONFIRM, &[&signed, &accept_signed]),
+        };
+        self.key = next;
+        self.epoch = self.epoch.next();
+        // ack_in_range checked above, so this cannot fail.
+        let _ = self.on_ack(accept.recv);
+        self.stats.reassociations += 1;
+        self.install_link(ProofOfKey(()), now, conn, true);
+        Ok(Frame::Confirm(confirm))
+    }
+
+    fn ack_in_range(&self, ack: Offset) -> bool {
+        let sent_end = self.tx_sent_end();
+        ack.0 <= sent_end.0 + u64::from(self.fin == Some(sent_end))
+    }
+
+    /// Listening side: a `Reassoc` for this session arrived on a new connection `conn`.
+    /// Returns the `Accept` to send, or why it is refused (send `Refuse` and close).
+    ///
+    /// Nothing changes for the current connection until [`Session::handle_confirm`].
+    pub fn handle_reassoc(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        req: &Reassoc,
+        entropy: &Entropy,
+    ) -> Result<Frame, RefuseReason> {
+        let _ = now;
+        if self.phase != Phase::Open {
+            return Err(RefuseReason::Closed);
+        }
+        if req.session != self.id {
+            return Err(RefuseReason::UnknownSession);
+        }
+        let signed = req.signed();
+        if req.epoch < self.epoch {
+            return Err(RefuseReason::StaleEpoch);
+        }
+        if req.epoch == self.epoch.next() {
+            // The dialer got our Accept but its Confirm never arrived: it holds a pending key.
+            let Some(i) = self.pending.iter().position(|p| {
+                p.epoch == req.epoch && crypto::verify(&p.key, LABEL_REASSOC, &[&signed], &req.mac)
+            }) else {
+                return Err(RefuseReason::BadProof);
+            };
+            // Verified just now, under that pending key.
+            let p = self.pending.remove(i).expect("index from position");
+            self.promote(p);
+        } else if req.epoch != self.epoch
+            || !crypto::verify(&self.key, LABEL_REASSOC, &[&signed], &req.mac)
+        {
+            return Err(RefuseReason::BadProof);
+        }
+        if !self.ack_in_range(req.recv) {
+            return Err(RefuseReason::Protocol);
+        }
+        let eph = Ephemeral::new(entropy.secret);
+        let shared = eph.agree(&req.eph).map_err(|_| RefuseReason::BadProof)?;
+        let mut accept = Accept {
+            eph: eph.public,
+            nonce: entropy.nonce,
+            recv: self.ack_value(),
+            mac: [0; 32],
+        };
+        let accept_signed = accept.signed();
+        let next = crypto::ratchet(&self.key, &shared, &signed, &accept_signed);
+        accept.mac = crypto::mac(&next, LABEL_ACCEPT, &[&signed, &accept_signed]);
+        self.pending.retain(|p| p.conn != conn);
+        if self.pending.len() >= self.config.max_pending_reassoc {
+            self.pending.pop_front();
+        }
+        self.pending.push_back(Pending {
+            conn,
+            epoch: self.epoch.next(),
+            key: next,
+            reassoc_signed: signed,
+            accept_signed,
+            peer: PeerInfo {
+                endpoint: req.endpoint,
+                contact: req.contact,
+            },
+            peer_recv: req.recv,
+        });
+        Ok(Frame::Accept(accept))
+    }
+
+    fn promote(&mut self, p: Pending) {
+        self.key = p.key;
+        self.epoch = p.epoch;
+        self.peer = p.peer;
+        self.pending.clear();
+    }
+
+    /// Listening side: the dialer's `Confirm` arrived on `conn`; on success `conn` becomes the
+    /// current connection and the old one is closed.
+    pub fn handle_confirm(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        frame: Frame,
+    ) -> Result<(), RefuseReason> {
+        let Frame::Confirm(c) = frame else {
+            self.pending.retain(|p| p.conn != conn);
+            return Err(RefuseReason::Protocol);
+        };
+        if self.phase != Phase::Open {
+            return Err(RefuseReason::Closed);
+        }
+        let Some(i) = self.pending.iter().position(|p| p.conn == conn) else {
+            return Err(RefuseReason::StaleEpoch);
+        };
+        // Index from position.
+        let p = self.pending.remove(i).expect("index from position");
+        if p.epoch != self.epoch.next() {
+            return Err(RefuseReason::StaleEpoch);
+        }
+        if !crypto::verify(
+            &p.key,
+            LABEL_CONFIRM,
+            &[&p.reassoc_signed, &p.accept_signed],
+            &c.mac,
+        ) {
+            return Err(RefuseReason::BadProof);
+        }
+        let peer_recv = p.peer_recv;
+        self.promote(p);
+        // Range checked in handle_reassoc; acks only grow since.
+        let _ = self.on_ack(peer_recv);
+        self.stats.reassociations += 1;
+        self.install_link(ProofOfKey(()), now, conn, false);
+        Ok(())
+    }
+
+    fn install_link(&mut self, _proof: ProofOfKey, now: Instant, conn: ConnId, dialer: bool) {
+        if let Some(old) = self.link.take() {
+            self.events.push_back(Event::CloseConnection(old.conn));
+        }
+        self.link = Some(Link {
+            conn,
+            last_rx: now,
+            last_tx: now,
+            fin_sent: false,
+            freeze_sent: false,
+            freeze_ack_due: false,
+            closing: false,
+        });
+        // Everything retained and unacknowledged is sent again on this connection.
+        self.stats.bytes_replayed += self.retained_len;
+        self.dialer = dialer;
+        self.peer_migrating = false;
+        self.down_since = None;
+        self.next_dial = None;
+        self.dialing = None;
+        self.backoff = self.config.redial_initial;
+        // Replay everything the peer has not acknowledged (PROTOCOL.md §6.4).
+        self.tx_next = self.tx_acked;
+        self.tx_next_chunk = 0;
+        self.ack_now = true;
+        self.wake_write = true;
+        self.wake_read = true;
+        self.events.push_back(Event::Established {
+            conn,
+            epoch: self.epoch,
+        });
+    }
+
+    fn finish_freeze(&mut self) {
+        if let Some(l) = self.link.take() {
+            self.events.push_back(Event::CloseConnection(l.conn));
+        }
+        self.dialing = None;
+        self.pending.clear();
+        self.phase = Phase::Frozen;
+        self.events.push_back(Event::Frozen);
+        self.wake_read = true;
+        self.wake_write = true;
+    }
+
+    fn fail(&mut self, e: SessionError) {
+        if matches!(self.phase, Phase::Failed | Phase::Closed | Phase::Frozen) {
+            return;
+        }
+        if let Some(l) = self.link.take() {
+            self.events.push_back(Event::CloseConnection(l.conn));
+        }
+        self.phase = Phase::Failed;
+        self.failure = Some(e.clone());
+        self.events.push_back(Event::Failed(e));
+        self.wake_read = true;
+        self.wake_write = true;
+    }
+
+    fn failure_or_timeout(&self) -> SessionError {
+        self.failure
+            .clone()
+            .unwrap_or(SessionError::TimedOut(self.config.session_timeout))
+    }
+
+    fn check_closed(&mut self, now: Instant) {
+        if self.phase == Phase::Open
+            && self.app_detached
+            && self.fin_acked
+            && self.peer_fin_in()
+            && self.link.is_some_and(|l| !l.freeze_ack_due)
+            && !self.ack_now
+        {
+            self.close(now);
+        }
+    }
+
+    fn close(&mut self, _now: Instant) {
+        if let Some(l) = self.link.take() {
+            self.events.push_back(Event::CloseConnection(l.conn));
+        }
+        self.phase = Phase::Closed;
+        self.events.push_back(Event::Closed);
+    }
+
+    // ---------------------------------------------------------------- poll_*
+
+    /// The next frame to write on the current connection, if any.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        let t = self.next_transmit(now)?;
+        if let Some(l) = self.link.as_mut() {
+            l.last_tx = now;
+        }
+        Some(t)
+    }
+
+    fn next_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        let link = self.link?;
+        if link.closing {
+            return None;
+        }
+        let freezing = matches!(self.phase, Phase::Freezing { .. });
+        if freezing && !link.freeze_sent {
+            self.link_mut().freeze_sent = true;
+            return Some(Transmit::control(&Frame::Freeze {
+                ack: self.ack_value(),
+            }));
+        }
+        if link.freeze_ack_due {
+            let l = self.link_mut();
+            l.freeze_ack_due = false;
+            l.closing = true;
+            let t = Transmit::control(&Frame::FreezeAck {
+                ack: self.ack_value(),
+            });
+            self.check_closed(now);
+            return Some(t);
+        }
+        if freezing || self.phase != Phase::Open {
+            return None;
+        }
+        if let Some(t) = self.next_data() {
+            return Some(t);
+        }
+        if let Some(f) = self.fin {
+            if self.tx_next == f && !link.fin_sent {
+                self.link_mut().fin_sent = true;
+                return Some(Transmit::control(&Frame::Fin { offset: f }));
+            }
+        }
+        if self.ack_now || self.ack_due.is_some_and(|t| t <= now) {
+            let t = Transmit::control(&Frame::Ack {
+                ack: self.ack_value(),
+                limit: self.local_limit(),
+            });
+            self.note_acked();
+            self.check_closed(now);
+            return Some(t);
+        }
+        if now.saturating_duration_since(link.last_tx) >= self.config.keepalive_interval {
+            return Some(Transmit::control(&Frame::Ping));
+        }
+        None
+    }
+
+    fn link_mut(&mut self) -> &mut Link {
+        // Only called after next_transmit checked that a link exists.
+        self.link.as_mut().expect("link checked by caller")
+    }
+
+    fn note_acked(&mut self) {
+        self.acked_sent = self.rx_recv;
+        self.limit_sent = self.local_limit();
+        self.ack_now = false;
+        self.ack_due = None;
+    }
+
+    fn next_data(&mut self) -> Option<Transmit> {
+        let written = self.tx_written();
+        if self.tx_next >= written || self.tx_next >= self.peer_limit {
+            return None;
+        }
+        let max = (self.config.max_frame_payload as u64).min(self.peer_limit.since(self.tx_next));
+        let sent_end = self.tx_sent_end();
+        let payload = if self.tx_next < sent_end {
+            // Replay from the retention buffer: find the chunk holding tx_next.
+            let mut start = self.tx_acked;
+            let mut i = 0;
+            if self.tx_next_chunk < self.retained.len() {
+                for c in self.retained.iter().take(self.tx_next_chunk) {
+                    start = start.plus(c.len() as u64);
+                }
+                i = self.tx_next_chunk;
+                if start > self.tx_next {
+                    start = self.tx_acked;
+                    i = 0;
+                }
+            }
+            loop {
+                let len = self.retained[i].len() as u64;
+                if self.tx_next < start.plus(len) {
+                    break;
+                }
+                start = start.plus(len);
+                i += 1;
+            }
+            let chunk = &self.retained[i];
+            let from = self.tx_next.since(start) as usize;
+            let n = ((chunk.len() - from) as u64).min(max) as usize;
+            if from + n == chunk.len() {
+                self.tx_next_chunk = i + 1;
+            } else {
+                self.tx_next_chunk = i;
+            }
+            chunk.slice(from..from + n)
+        } else {
+            let n = (self.unsent.len() as u64).min(max) as usize;
+            let chunk = self.unsent.split_to(n).freeze();
+            if self.unsent.is_empty() {
+                // Let go of the shared allocation so an idle session holds no buffer.
+                self.unsent = BytesMut::new();
+            }
+            self.retained.push_back(chunk.clone());
+            self.retained_len += n as u64;
+            self.tx_next_chunk = self.retained.len();
+            chunk
+        };
+        let offset = self.tx_next;
+        self.tx_next = self.tx_next.plus(payload.len() as u64);
+        let h = data_header(offset, self.ack_value(), self.local_limit(), payload.len());
+        self.note_acked();
+        Some(Transmit::data(h, payload))
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Session::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut consider = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        match self.phase {
+            Phase::Frozen | Phase::Closed | Phase::Failed => return None,
+            Phase::Freezing { deadline } => consider(Some(deadline)),
+            Phase::Open => {}
+        }
+        if let Some(l) = self.link {
+            consider(self.ack_due);
+            consider(Some(l.last_rx + self.config.idle_timeout));
+            if !l.closing {
+                consider(Some(l.last_tx + self.config.keepalive_interval));
+            }
+        } else if self.phase == Phase::Open {
+            consider(self.down_since.map(|s| s + self.config.session_timeout));
+            if self.dialing.is_none() {
+                consider(self.next_dial);
+            }
+        }
+        t
+    }
+}
