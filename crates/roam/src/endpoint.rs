@@ -1,0 +1,547 @@
+//! The endpoint: one listening TCP socket per host or process that accepts new associations and
+//! re-associations for every session it serves (PROTOCOL.md §5), and dials on their behalf.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use roam_proto::{
+    Associating, ConnId, EndpointId, Entropy, Frame, FrameError, LocalInfo, RefuseReason, Session,
+    SessionConfig, SessionId, StreamImage,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::driver::{lock, Driver, Handover, Shared, SharedRef, Status};
+use crate::error::{AcceptError, BindError, ConnectError, ThawError};
+use crate::stream::Stream;
+
+/// Settings of an [`Endpoint`] and of every session it runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EndpointConfig {
+    /// Limits and timers of each session (see [`SessionConfig`] for the defaults).
+    pub session: SessionConfig,
+    /// The address peers should dial to reach this endpoint, if not the bound address (for
+    /// example a relay or a NAT's public side).
+    pub contact: Option<SocketAddr>,
+    /// Longest a handshake (association or re-association) may take. Default 5 s.
+    pub handshake_timeout: Duration,
+    /// Unauthenticated handshakes processed at once; more wait in the kernel's backlog.
+    /// Default 256.
+    pub max_handshakes: usize,
+    /// Associated streams waiting for [`Endpoint::accept`]; beyond it new associations are
+    /// refused with `Busy`. Default 128.
+    pub accept_backlog: usize,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        EndpointConfig {
+            session: SessionConfig::default(),
+            contact: None,
+            handshake_timeout: Duration::from_secs(5),
+            max_handshakes: 256,
+            accept_backlog: 128,
+        }
+    }
+}
+
+/// Counters of an endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EndpointStats {
+    /// Sessions associated (both accepted and connected).
+    pub associations: u64,
+    /// Re-associations this endpoint accepted as listener.
+    pub reassociations_accepted: u64,
+    /// Incoming handshakes refused or dropped (bad frames, bad proofs, stale epochs, …).
+    pub handshakes_rejected: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    associations: AtomicU64,
+    reassociations_accepted: AtomicU64,
+    handshakes_rejected: AtomicU64,
+}
+
+pub(crate) struct EndpointInner {
+    local_addr: SocketAddr,
+    pub(crate) local: LocalInfo,
+    pub(crate) config: EndpointConfig,
+    sessions: Mutex<HashMap<SessionId, SharedRef>>,
+    accept_tx: mpsc::Sender<Stream>,
+    accept_rx: tokio::sync::Mutex<mpsc::Receiver<Stream>>,
+    next_conn: AtomicU64,
+    counters: Counters,
+    listener_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for EndpointInner {
+    fn drop(&mut self) {
+        if let Some(t) = self.listener_task.get_mut().ok().and_then(|t| t.take()) {
+            t.abort();
+        }
+    }
+}
+
+impl EndpointInner {
+    pub(crate) fn conn_id(&self) -> ConnId {
+        ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn register(&self, id: SessionId, s: &SharedRef) -> bool {
+        let mut m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if m.contains_key(&id) {
+            return false;
+        }
+        m.insert(id, s.clone());
+        true
+    }
+
+    /// Remove `id` if it still maps to `s` (a later thaw of the same session may own it).
+    pub(crate) fn unregister(&self, id: SessionId, s: &SharedRef) {
+        let mut m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&id).is_some_and(|x| Arc::ptr_eq(x, s)) {
+            m.remove(&id);
+        }
+    }
+
+    fn lookup(&self, id: &SessionId) -> Option<SharedRef> {
+        let m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(id).cloned()
+    }
+
+    fn rejected(&self) {
+        self.counters
+            .handshakes_rejected
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A roam endpoint: listens for associations and re-associations, and hosts sessions.
+///
+/// One per host or process. Cheap to clone; it keeps listening while any clone or any of its
+/// streams is alive.
+#[derive(Clone)]
+pub struct Endpoint {
+    inner: Arc<EndpointInner>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("local_addr", &self.inner.local_addr)
+            .field("contact", &self.inner.local.contact)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn entropy() -> Entropy {
+    Entropy {
+        secret: rand::random(),
+        nonce: rand::random(),
+    }
+}
+
+impl Endpoint {
+    /// Listen on `addr` with the default configuration.
+    pub async fn bind(addr: SocketAddr) -> Result<Endpoint, BindError> {
+        Endpoint::bind_with(addr, EndpointConfig::default()).await
+    }
+
+    /// Listen on `addr` with `config`.
+    pub async fn bind_with(
+        addr: SocketAddr,
+        config: EndpointConfig,
+    ) -> Result<Endpoint, BindError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| BindError::Io { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| BindError::Io { addr, source })?;
+        let (accept_tx, accept_rx) = mpsc::channel(config.accept_backlog.max(1));
+        let inner = Arc::new(EndpointInner {
+            local_addr,
+            local: LocalInfo {
+                endpoint: EndpointId(rand::random()),
+                contact: config.contact.unwrap_or(local_addr),
+            },
+            config,
+            sessions: Mutex::new(HashMap::new()),
+            accept_tx,
+            accept_rx: tokio::sync::Mutex::new(accept_rx),
+            next_conn: AtomicU64::new(1),
+            counters: Counters::default(),
+            listener_task: Mutex::new(None),
+        });
+        let task = tokio::spawn(listen(listener, Arc::downgrade(&inner)));
+        *inner
+            .listener_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(Endpoint { inner })
+    }
+
+    /// The address the endpoint listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The address peers dial to reach this endpoint (the bound address unless configured).
+    pub fn contact_addr(&self) -> SocketAddr {
+        self.inner.local.contact
+    }
+
+    /// This endpoint's identity.
+    pub fn id(&self) -> EndpointId {
+        self.inner.local.endpoint
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EndpointStats {
+        let c = &self.inner.counters;
+        EndpointStats {
+            associations: c.associations.load(Ordering::Relaxed),
+            reassociations_accepted: c.reassociations_accepted.load(Ordering::Relaxed),
+            handshakes_rejected: c.handshakes_rejected.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sessions currently hosted here.
+    pub fn session_count(&self) -> usize {
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Associate with the endpoint at `addr` and open a stream to it (PROTOCOL.md §5.1).
+    pub async fn connect(&self, addr: SocketAddr) -> Result<Stream, ConnectError> {
+        let timeout = self.inner.config.handshake_timeout;
+        tokio::time::timeout(timeout, self.connect_inner(addr))
+            .await
+            .map_err(|_| ConnectError::TimedOut(timeout))?
+    }
+
+    async fn connect_inner(&self, addr: SocketAddr) -> Result<Stream, ConnectError> {
+        let mut tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let (assoc, hello) = Associating::new(self.inner.local, &entropy());
+        tcp.write_all(&hello.to_bytes()).await?;
+        let mut buf = BytesMut::with_capacity(1024);
+        let reply = read_frame(&mut tcp, &mut buf).await?;
+        let conn = self.inner.conn_id();
+        let core = assoc.handle(
+            Instant::now(),
+            conn,
+            reply,
+            self.inner.config.session.clone(),
+        )?;
+        let stream = start_session(
+            &self.inner,
+            core,
+            Some(Handover {
+                id: conn,
+                stream: tcp,
+                leftover: buf,
+            }),
+            Status::Established,
+        )
+        .ok_or(ConnectError::Collision)?;
+        self.inner
+            .counters
+            .associations
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(stream)
+    }
+
+    /// Wait for the next stream a peer opened to this endpoint.
+    pub async fn accept(&self) -> Result<Stream, AcceptError> {
+        let mut rx = self.inner.accept_rx.lock().await;
+        rx.recv().await.ok_or(AcceptError::Closed)
+    }
+
+    /// Bring a frozen stream to life here: re-associate with its peer, which then continues
+    /// the same byte streams (PROTOCOL.md §6.3). Returns once the peer accepted.
+    pub async fn thaw(&self, image: StreamImage) -> Result<Stream, ThawError> {
+        let id = image.session_id();
+        let core = Session::from_image(
+            image,
+            self.inner.local,
+            self.inner.config.session.clone(),
+            Instant::now(),
+        );
+        let stream = start_session(&self.inner, core, None, Status::Connecting)
+            .ok_or(ThawError::AlreadyRunning(id))?;
+        let mut status = stream.status();
+        loop {
+            let st = status.borrow_and_update().clone();
+            match st {
+                Status::Established | Status::Closed => return Ok(stream),
+                Status::Failed(e) => return Err(e.into()),
+                Status::Connecting | Status::Frozen => {}
+            }
+            if status.changed().await.is_err() {
+                return Err(ThawError::Failed(roam_proto::SessionError::TimedOut(
+                    Duration::ZERO,
+                )));
+            }
+        }
+    }
+}
+
+fn start_session(
+    inner: &Arc<EndpointInner>,
+    core: Session,
+    first: Option<Handover>,
+    initial: Status,
+) -> Option<Stream> {
+    let id = core.id();
+    let shared: SharedRef = Arc::new(Mutex::new(Shared {
+        core,
+        handover: None,
+        read_waker: None,
+        write_waker: None,
+        driver_waker: None,
+    }));
+    if !inner.register(id, &shared) {
+        return None;
+    }
+    let (status_tx, status_rx) = watch::channel(initial);
+    Driver::spawn(shared.clone(), inner.clone(), status_tx, first);
+    Some(Stream::new(shared, inner.clone(), status_rx))
+}
+
+/// Read one whole frame, keeping any bytes after it in `buf`. Handshake frames are small, so
+/// more than 4 KiB without a frame is refused.
+async fn read_frame(tcp: &mut TcpStream, buf: &mut BytesMut) -> Result<Frame, ConnectError> {
+    loop {
+        if let Some(f) = Frame::decode(buf)? {
+            return Ok(f);
+        }
+        if buf.len() > 4096 {
+            return Err(FrameError::TooLong(buf.len() as u32).into());
+        }
+        buf.reserve(1024);
+        if tcp.read_buf(buf).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    }
+}
+
+async fn listen(listener: TcpListener, endpoint: Weak<EndpointInner>) {
+    let permits = match endpoint.upgrade() {
+        Some(e) => Arc::new(Semaphore::new(e.config.max_handshakes.max(1))),
+        None => return,
+    };
+    loop {
+        // Holding a permit before accepting bounds unauthenticated work; excess connections
+        // wait in the kernel's backlog.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let (tcp, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "accept failed");
+                // Typically EMFILE; back off briefly rather than spin.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(ep) = endpoint.upgrade() else { return };
+        tokio::spawn(async move {
+            let timeout = ep.config.handshake_timeout;
+            match tokio::time::timeout(timeout, handshake(&ep, tcp)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    ep.rejected();
+                    tracing::debug!(%from, error = %e, "incoming handshake rejected");
+                }
+                Err(_) => {
+                    ep.rejected();
+                    tracing::debug!(%from, "incoming handshake timed out");
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Why an incoming handshake did not complete (logged and counted, never surfaced to a stream).
+#[derive(Debug, thiserror::Error)]
+enum IncomingError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("refused: {0}")]
+    Refused(RefuseReason),
+    #[error("unexpected first frame")]
+    Unexpected,
+}
+
+async fn refuse(tcp: &mut TcpStream, r: RefuseReason) -> IncomingError {
+    let _ = tcp.write_all(&Frame::Refuse(r).to_bytes()).await;
+    IncomingError::Refused(r)
+}
+
+async fn handshake(ep: &Arc<EndpointInner>, mut tcp: TcpStream) -> Result<(), IncomingError> {
+    tcp.set_nodelay(true)?;
+    let mut buf = BytesMut::with_capacity(1024);
+    let first = read_frame(&mut tcp, &mut buf).await?;
+    let conn = ep.conn_id();
+    match first {
+        Frame::Hello(hello) => {
+            // Reserve a backlog slot first, so a full backlog refuses instead of queueing.
+            let Ok(slot) = ep.accept_tx.clone().try_reserve_owned() else {
+                return Err(refuse(&mut tcp, RefuseReason::Busy).await);
+            };
+            let mut id = SessionId(rand::random());
+            while ep.lookup(&id).is_some() {
+                id = SessionId(rand::random());
+            }
+            let (core, welcome) = Session::accept_hello(
+                Instant::now(),
+                conn,
+                &hello,
+                id,
+                ep.local,
+                &entropy(),
+                ep.config.session.clone(),
+            )
+            .map_err(|e| IncomingError::Connect(e.into()))?;
+            tcp.write_all(&welcome.to_bytes()).await?;
+            let stream = start_session(
+                ep,
+                core,
+                Some(Handover {
+                    id: conn,
+                    stream: tcp,
+                    leftover: buf,
+                }),
+                Status::Established,
+            )
+            .ok_or(IncomingError::Connect(ConnectError::Collision))?;
+            ep.counters.associations.fetch_add(1, Ordering::Relaxed);
+            slot.send(stream);
+            Ok(())
+        }
+        Frame::Reassoc(req) => {
+            let Some(shared) = ep.lookup(&req.session) else {
+                return Err(refuse(&mut tcp, RefuseReason::UnknownSession).await);
+            };
+            let accept = {
+                let mut s = lock(&shared);
+                s.core
+                    .handle_reassoc(Instant::now(), conn, &req, &entropy())
+            };
+            let accept = match accept {
+                Ok(a) => a,
+                Err(r) => return Err(refuse(&mut tcp, r).await),
+            };
+            tcp.write_all(&accept.to_bytes()).await?;
+            let confirm = read_frame(&mut tcp, &mut buf).await;
+            let outcome = {
+                let mut s = lock(&shared);
+                let confirm = match confirm {
+                    Ok(f) => f,
+                    Err(e) => {
+                        s.core.handle_connection_lost(Instant::now(), conn);
+                        return Err(e.into());
+                    }
+                };
+                match s.core.handle_confirm(Instant::now(), conn, confirm) {
+                    Ok(()) => {
+                        s.handover = Some(Handover {
+                            id: conn,
+                            stream: tcp,
+                            leftover: buf,
+                        });
+                        s.wake_driver();
+                        None
+                    }
+                    Err(r) => Some((r, tcp)),
+                }
+            };
+            match outcome {
+                None => {
+                    ep.counters
+                        .reassociations_accepted
+                        .fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Some((r, mut tcp)) => Err(refuse(&mut tcp, r).await),
+            }
+        }
+        _ => Err(IncomingError::Unexpected),
+    }
+}
+
+/// Dialing side of re-association, run as its own task for [`roam_proto::Event::Dial`].
+pub(crate) async fn dial_reassoc(shared: SharedRef, ep: Arc<EndpointInner>, addr: SocketAddr) {
+    let conn = ep.conn_id();
+    let timeout = ep.config.handshake_timeout;
+    let mut started = false;
+    let r = tokio::time::timeout(timeout, dial_inner(&shared, conn, addr, &mut started)).await;
+    let err = match r {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!("timed out after {timeout:?}")),
+    };
+    let mut s = lock(&shared);
+    if let Some(e) = err {
+        tracing::debug!(%addr, error = %e, "re-association attempt failed");
+        if started {
+            s.core.handle_connection_lost(Instant::now(), conn);
+        } else {
+            s.core.handle_dial_failed(Instant::now());
+        }
+    }
+    s.wake_driver();
+}
+
+async fn dial_inner(
+    shared: &SharedRef,
+    conn: ConnId,
+    addr: SocketAddr,
+    started: &mut bool,
+) -> Result<(), ConnectError> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let req = {
+        let mut s = lock(shared);
+        if s.core.is_finished() {
+            return Ok(());
+        }
+        *started = true;
+        s.core.start_reassoc(Instant::now(), conn, &entropy())
+    };
+    tcp.write_all(&req.to_bytes()).await?;
+    let mut buf = BytesMut::with_capacity(1024);
+    let reply = read_frame(&mut tcp, &mut buf).await?;
+    let confirm = {
+        let mut s = lock(shared);
+        match s.core.handle_accept(Instant::now(), conn, reply) {
+            Ok(c) => c,
+            // The core has scheduled a retry or failed the session.
+            Err(_) => return Ok(()),
+        }
+    };
+    tcp.write_all(&confirm.to_bytes()).await?;
+    let mut s = lock(shared);
+    s.handover = Some(Handover {
+        id: conn,
+        stream: tcp,
+        leftover: buf,
+    });
+    Ok(())
+}
