@@ -220,10 +220,8 @@ impl Driver {
                     addr,
                 ));
             }
-            Event::CloseConnection(id) => {
-                if self.conn.as_ref().is_some_and(|c| c.id == id) {
-                    self.conn = None;
-                }
+            Event::CloseConnection(id) if self.conn.as_ref().is_some_and(|c| c.id == id) => {
+                self.conn = None;
             }
             Event::Established { conn, epoch } => {
                 tracing::debug!(?conn, %epoch, "established");
