@@ -1068,7 +1068,7 @@ impl Session {
 
     /// The peer refused our re-association on `conn`.
     pub fn handle_refused(&mut self, now: Instant, conn: ConnId, reason: RefuseReason) {
-        if !self.dialing.as_ref().is_some_and(|d| d.conn == Some(conn)) {
+        if self.dialing.as_ref().is_none_or(|d| d.conn != Some(conn)) {
             return;
         }
         match reason {
