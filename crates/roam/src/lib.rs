@@ -41,7 +41,7 @@ pub use roam_proto::{
     EndpointId, Epoch, FreezeError, ImageError, PeerInfo, RefuseReason, SessionConfig,
     SessionError, SessionId, Stats, StreamImage,
 };
-pub use stream::Stream;
+pub use stream::{ReadHalf, Stream, WriteHalf};
 
 /// The sans-IO protocol core, re-exported for drivers and tests.
 pub use roam_proto as proto;

@@ -142,12 +142,15 @@ impl Drop for Stream {
     }
 }
 
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+impl Stream {
+    /// Borrow the stream as a reader and a writer that can be used concurrently (for example
+    /// in `tokio::select!` or `tokio::join!`), like `TcpStream::split`. When both halves are
+    /// dropped the stream can be frozen.
+    pub fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
+        (ReadHalf(self), WriteHalf(self))
+    }
+
+    fn do_poll_read(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let mut s = lock(&self.shared);
         let dst = buf.initialize_unfilled();
         match s.core.read(dst) {
@@ -166,14 +169,8 @@ impl AsyncRead for Stream {
             Err(e) => Poll::Ready(Err(io::Error::other(e))),
         }
     }
-}
 
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn do_poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let mut s = lock(&self.shared);
         match s.core.write(buf) {
             Ok(n) => {
@@ -190,15 +187,75 @@ impl AsyncWrite for Stream {
         }
     }
 
+    fn do_shutdown(&self) -> Poll<io::Result<()>> {
+        let mut s = lock(&self.shared);
+        s.core.shutdown_write();
+        s.wake_driver();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.do_poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.do_poll_write(cx, buf)
+    }
+
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Like a TCP socket: written bytes are already the session's responsibility.
         Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut s = lock(&self.shared);
-        s.core.shutdown_write();
-        s.wake_driver();
+        self.do_shutdown()
+    }
+}
+
+/// The reading half of a [`Stream`], from [`Stream::split`].
+#[derive(Debug)]
+pub struct ReadHalf<'a>(&'a Stream);
+
+/// The writing half of a [`Stream`], from [`Stream::split`].
+#[derive(Debug)]
+pub struct WriteHalf<'a>(&'a Stream);
+
+impl AsyncRead for ReadHalf<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.0.do_poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteHalf<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.0.do_poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.do_shutdown()
     }
 }
