@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     pub(crate) read_waker: Option<Waker>,
     pub(crate) write_waker: Option<Waker>,
     pub(crate) driver_waker: Option<Waker>,
+    /// Whether a transport connection currently carries the session.
+    pub(crate) connected: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -179,6 +181,9 @@ impl Driver {
                 progressed = true;
                 self.on_event(ev);
             }
+            let up = s.core.link().is_some();
+            s.connected
+                .send_if_modified(|v| std::mem::replace(v, up) != up);
             if s.core.take_wake_read() {
                 if let Some(w) = s.read_waker.take() {
                     w.wake();

@@ -286,7 +286,12 @@ impl Endpoint {
             let st = status.borrow_and_update().clone();
             match st {
                 Status::Established | Status::Closed => return Ok(stream),
-                Status::Failed(e) => return Err(e.into()),
+                Status::Failed(e) => {
+                    // Free the id now, not when the driver task next runs, so the caller can
+                    // retry at once (a retry would otherwise see `AlreadyRunning`).
+                    self.inner.unregister(id, &stream.shared);
+                    return Err(e.into());
+                }
                 Status::Connecting | Status::Frozen => {}
             }
             if status.changed().await.is_err() {
@@ -305,7 +310,9 @@ fn start_session(
     initial: Status,
 ) -> Option<Stream> {
     let id = core.id();
+    let connected = watch::Sender::new(core.link().is_some());
     let shared: SharedRef = Arc::new(Mutex::new(Shared {
+        connected,
         core,
         handover: None,
         read_waker: None,

@@ -24,7 +24,7 @@ use crate::error::session_io_error;
 /// was unreachable for the whole session timeout, `ConnectionAborted` when it refused.
 /// Dropping the stream ends its write half (like `shutdown`) and discards further input.
 pub struct Stream {
-    shared: SharedRef,
+    pub(crate) shared: SharedRef,
     // Keeps the endpoint listening (for re-associations) while the stream lives.
     endpoint: Arc<EndpointInner>,
     status: watch::Receiver<Status>,
@@ -85,6 +85,13 @@ impl Stream {
     /// True while a transport connection carries the session.
     pub fn is_connected(&self) -> bool {
         lock(&self.shared).core.link().is_some()
+    }
+
+    /// Watch the connection come and go (reconnections, migrations of the peer): the value is
+    /// true while a transport connection carries the session. For status displays and tests;
+    /// the stream itself needs no help to recover.
+    pub fn watch_connected(&self) -> watch::Receiver<bool> {
+        lock(&self.shared).connected.subscribe()
     }
 
     /// Planned migration (PROTOCOL.md §6): stop I/O, tell the peer, drain what is in flight
