@@ -57,3 +57,78 @@ async fn freeze_thaw_elsewhere_and_back() {
     assert_eq!(&one, b"!");
     assert_eq!(s.epoch().0, 2);
 }
+
+#[test]
+fn public_types_have_the_promised_traits() {
+    fn stream<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>() {}
+    fn error<T: std::error::Error + Send + Sync + 'static>() {}
+    fn send_sync<T: Send + Sync + 'static>() {}
+    stream::<roam::Stream>();
+    error::<roam::ConnectError>();
+    error::<roam::ThawError>();
+    error::<roam::AcceptError>();
+    error::<roam::BindError>();
+    error::<roam::FreezeError>();
+    error::<roam::ImageError>();
+    error::<roam::SessionError>();
+    send_sync::<roam::Endpoint>();
+    send_sync::<roam::StreamImage>();
+}
+
+#[tokio::test]
+async fn split_halves_work_concurrently_and_the_stream_still_freezes() {
+    let a = Endpoint::bind(host(2)).await.unwrap();
+    let b = Endpoint::bind(host(3)).await.unwrap();
+    let c = Endpoint::bind(host(4)).await.unwrap();
+    let mut s = a.connect(b.local_addr()).await.unwrap();
+    let mut t = b.accept().await.unwrap();
+    let payload = vec![7u8; 3 << 20];
+    {
+        let (mut r, mut w) = s.split();
+        let (mut tr, mut tw) = t.split();
+        // Both sides write 3 MiB (more than the 1 MiB buffers) while reading: this only
+        // finishes if reading and writing really proceed concurrently.
+        let mut got_s = Vec::new();
+        let mut got_t = Vec::new();
+        let mut rs = (&mut r).take(payload.len() as u64);
+        let mut rt = (&mut tr).take(payload.len() as u64);
+        let (a1, a2, a3, a4) = tokio::join!(
+            w.write_all(&payload),
+            tw.write_all(&payload),
+            rs.read_to_end(&mut got_s),
+            rt.read_to_end(&mut got_t),
+        );
+        a1.unwrap();
+        a2.unwrap();
+        a3.unwrap();
+        a4.unwrap();
+        assert_eq!(got_s, payload);
+        assert_eq!(got_t, payload);
+    }
+    let mut s = c.thaw(s.freeze().await.unwrap()).await.unwrap();
+    s.write_all(b"ok").await.unwrap();
+    let mut two = [0u8; 2];
+    t.read_exact(&mut two).await.unwrap();
+    assert_eq!(&two, b"ok");
+}
+
+#[tokio::test]
+async fn end_of_stream_reaches_the_peer_across_a_migration() {
+    let a = Endpoint::bind(host(2)).await.unwrap();
+    let b = Endpoint::bind(host(3)).await.unwrap();
+    let c = Endpoint::bind(host(4)).await.unwrap();
+    let mut s = a.connect(b.local_addr()).await.unwrap();
+    let mut t = b.accept().await.unwrap();
+    s.write_all(b"last words").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut s = c.thaw(s.freeze().await.unwrap()).await.unwrap();
+    let mut got = Vec::new();
+    t.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"last words");
+    // The other direction is still open, and closes in turn.
+    t.write_all(b"reply").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"reply");
+}
