@@ -132,3 +132,33 @@ async fn end_of_stream_reaches_the_peer_across_a_migration() {
     s.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"reply");
 }
+
+/// Resolves when every handle to the session's state is gone (driver ended, table entry removed).
+async fn session_released(mut w: tokio::sync::watch::Receiver<bool>) {
+    tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while w.changed().await.is_ok() {}
+    })
+    .await
+    .expect("session never released");
+}
+
+#[tokio::test]
+async fn dropping_both_ends_closes_the_session_and_frees_both_endpoints() {
+    let a = Endpoint::bind(host(2)).await.unwrap();
+    let b = Endpoint::bind(host(3)).await.unwrap();
+    let mut s = a.connect(b.local_addr()).await.unwrap();
+    let mut t = b.accept().await.unwrap();
+    s.write_all(b"hi").await.unwrap();
+    let ws = s.watch_connected();
+    let wt = t.watch_connected();
+    drop(s);
+    let mut got = Vec::new();
+    t.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"hi");
+    t.write_all(b"unread reply").await.unwrap();
+    drop(t);
+    session_released(ws).await;
+    session_released(wt).await;
+    assert_eq!(a.session_count(), 0);
+    assert_eq!(b.session_count(), 0);
+}
