@@ -408,6 +408,10 @@ pub struct Session {
     epoch: Epoch,
     key: SessionKey,
     pending: VecDeque<Pending>,
+    /// Dialing side: the epoch and key before our last `Accept`, kept until the listener shows
+    /// it installed the new connection (any frame on it). If the listener froze before our
+    /// `Confirm` reached it, its image still holds this epoch.
+    unconfirmed: Option<(Epoch, SessionKey)>,
     dialing: Option<Dialing>,
     link: Option<Link>,
     /// This side opened the current (or last) connection, so it redials after a loss.
@@ -484,6 +488,7 @@ impl Session {
             epoch: Epoch(0),
             key,
             pending: VecDeque::new(),
+            unconfirmed: None,
             dialing: None,
             link: None,
             dialer: false,
@@ -573,7 +578,12 @@ impl Session {
         s.next_dial = Some(now);
         s.tx_acked = image.tx_acked;
         s.tx_next = image.tx_acked;
-        s.unsent = BytesMut::from(&image.tx_data[..]);
+        // The peer may already hold some of these bytes (they were sent before the freeze but
+        // not acknowledged), so they are retained as sent: its Accept may acknowledge them.
+        s.retained_len = image.tx_data.len() as u64;
+        if !image.tx_data.is_empty() {
+            s.retained.push_back(image.tx_data.clone());
+        }
         s.fin = image.fin;
         s.peer_limit = image.peer_limit;
         s.rx_recv = image.rx_recv;
@@ -725,6 +735,10 @@ impl Session {
         if buf.is_empty() {
             return Ok(0);
         }
+        if matches!(self.phase, Phase::Freezing { .. } | Phase::Frozen) {
+            // The buffered input belongs to the image now.
+            return Err(ReadError::Frozen);
+        }
         if self.rx_queued > 0 {
             let mut n = 0;
             while n < buf.len() {
@@ -856,6 +870,7 @@ impl Session {
             return Ok(());
         }
         link.last_rx = now;
+        self.unconfirmed = None;
         let r = self.on_link_frame(now, frame);
         if r.is_err() {
             self.lose_link(now, true);
@@ -1014,7 +1029,8 @@ impl Session {
             self.handle_dial_failed(now);
             return;
         }
-        self.pending.retain(|p| p.conn != conn);
+        // Pending re-associations outlive their connection: if it died after our Accept, the
+        // dialer has already ratcheted and comes back at the next epoch under that key.
         if self.link.is_some_and(|l| l.conn == conn) {
             self.lose_link(now, false);
         }
@@ -1166,7 +1182,9 @@ impl Session {
                 return Err(r);
             }
             _ => {
-                self.handle_dial_failed(now);
+                if self.dialing.as_ref().is_some_and(|d| d.conn == Some(conn)) {
+                    self.handle_dial_failed(now);
+                }
                 return Err(RefuseReason::Protocol);
             }
         };
@@ -1199,12 +1217,13 @@ impl Session {
         let confirm = Confirm {
             mac: crypto::mac(&next, LABEL_CONFIRM, &[&signed, &accept_signed]),
         };
-        self.key = next;
+        let prev = (self.epoch, std::mem::replace(&mut self.key, next));
         self.epoch = self.epoch.next();
         // ack_in_range checked above, so this cannot fail.
         let _ = self.on_ack(accept.recv);
         self.stats.reassociations += 1;
         self.install_link(ProofOfKey(()), now, conn, true);
+        self.unconfirmed = Some(prev);
         Ok(Frame::Confirm(confirm))
     }
 
@@ -1233,7 +1252,20 @@ impl Session {
         }
         let signed = req.signed();
         if req.epoch < self.epoch {
-            return Err(RefuseReason::StaleEpoch);
+            // The peer accepted our last re-association but froze before our Confirm arrived:
+            // its image is one epoch behind. Step back, once (not for our own reflected request).
+            let step_back = self.unconfirmed.as_ref().is_some_and(|(epoch, key)| {
+                *epoch == req.epoch
+                    && req.endpoint != self.local.endpoint
+                    && crypto::verify(key, LABEL_REASSOC, &[&signed], &req.mac)
+            });
+            // Checked just above.
+            let Some((epoch, key)) = self.unconfirmed.take().filter(|_| step_back) else {
+                return Err(RefuseReason::StaleEpoch);
+            };
+            self.key = key;
+            self.epoch = epoch;
+            self.pending.clear();
         }
         if req.epoch == self.epoch.next() {
             // The dialer got our Accept but its Confirm never arrived: it holds a pending key.
@@ -1252,6 +1284,11 @@ impl Session {
         }
         if !self.ack_in_range(req.recv) {
             return Err(RefuseReason::Protocol);
+        }
+        if self.pending.iter().any(|p| p.reassoc_signed == signed) {
+            // A dialer never repeats a request (fresh key and nonce): this is a replay, and
+            // answering it again would only push a genuine pending key out.
+            return Err(RefuseReason::Busy);
         }
         let eph = Ephemeral::new(entropy.secret);
         let shared = eph.agree(&req.eph).map_err(|_| RefuseReason::BadProof)?;
@@ -1331,6 +1368,7 @@ impl Session {
     }
 
     fn install_link(&mut self, _proof: ProofOfKey, now: Instant, conn: ConnId, dialer: bool) {
+        self.unconfirmed = None;
         if let Some(old) = self.link.take() {
             self.events.push_back(Event::CloseConnection(old.conn));
         }
@@ -1565,7 +1603,8 @@ impl Session {
         if let Some(l) = self.link {
             consider(self.ack_due);
             consider(Some(l.last_rx + self.config.idle_timeout));
-            if !l.closing {
+            // Keep-alives are only sent while open (not while freezing): only then arm them.
+            if !l.closing && self.phase == Phase::Open {
                 consider(Some(l.last_tx + self.config.keepalive_interval));
             }
         } else if self.phase == Phase::Open {
