@@ -277,7 +277,14 @@ fn read_conn(
                 match c.stream.poll_read_ready(cx) {
                     Poll::Ready(Ok(())) => continue,
                     Poll::Ready(Err(_)) => return ConnOutcome::Lost,
-                    Poll::Pending => return ConnOutcome::Ok,
+                    Poll::Pending => {
+                        if c.rbuf.is_empty() {
+                            // Idle: hold no read buffer (received payloads keep their own
+                            // slices of it alive until read).
+                            c.rbuf = BytesMut::new();
+                        }
+                        return ConnOutcome::Ok;
+                    }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
