@@ -213,9 +213,16 @@ impl StreamImage {
             *v = r.u64("stats")?;
         }
         r.finish()?;
+        // No real session comes near 2^62 bytes or events. Bounding what an image claims keeps
+        // every later sum in the thawed session from overflowing: a forged image (anyone can
+        // recompute the digest) must not be able to make it panic.
+        const LIMIT: u64 = 1 << 62;
         let tx_written = tx_acked.0.checked_add(tx_data.len() as u64);
-        if tx_written.is_none() {
-            return Err(ImageError::Inconsistent("send offsets overflow"));
+        if tx_written.is_none_or(|w| w >= LIMIT) || rx_recv.0 >= LIMIT {
+            return Err(ImageError::Inconsistent("offsets out of range"));
+        }
+        if st.iter().any(|&v| v >= LIMIT) {
+            return Err(ImageError::Inconsistent("counters out of range"));
         }
         if fin.is_some_and(|f| Some(f.0) != tx_written) {
             return Err(ImageError::Inconsistent(

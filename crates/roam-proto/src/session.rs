@@ -233,7 +233,8 @@ pub struct Stats {
     pub bytes_written: u64,
     /// Bytes the application read.
     pub bytes_read: u64,
-    /// Bytes transmitted again after a reconnection.
+    /// Bytes sent again after a re-association because they were not known to be delivered
+    /// (after a thaw this includes unacknowledged bytes of the image that were never sent).
     pub bytes_replayed: u64,
     /// Received bytes dropped because they had already arrived.
     pub bytes_duplicate: u64,
@@ -446,6 +447,8 @@ pub struct Session {
     ack_due: Option<Instant>,
 
     app_detached: bool,
+    /// The application is blocked on a full send buffer: ask the peer to acknowledge now.
+    elicit_ack: bool,
     events: VecDeque<Event>,
     wake_read: bool,
     wake_write: bool,
@@ -515,6 +518,7 @@ impl Session {
             ack_now: false,
             ack_due: None,
             app_detached: false,
+            elicit_ack: false,
             events: VecDeque::new(),
             wake_read: false,
             wake_write: false,
@@ -721,6 +725,8 @@ impl Session {
         }
         let room = (self.config.send_capacity as u64).saturating_sub(self.unacked());
         if room == 0 {
+            // Elicit the acknowledgement that will unblock us (PROTOCOL.md §4.2).
+            self.elicit_ack = true;
             return Err(WriteError::Blocked);
         }
         let n = (room as usize).min(data.len());
@@ -923,7 +929,12 @@ impl Session {
                     return Err(ProtocolViolation("FreezeAck without Freeze"));
                 }
             }
-            Frame::Ping => {}
+            Frame::Ping => {
+                // A blocked sender asks for its acknowledgement now rather than after the delay.
+                if self.rx_recv > self.acked_sent || self.local_limit() > self.limit_sent {
+                    self.ack_now = true;
+                }
+            }
             _ => {
                 return Err(ProtocolViolation(
                     "handshake frame on an established connection",
@@ -1227,9 +1238,12 @@ impl Session {
         Ok(Frame::Confirm(confirm))
     }
 
+    /// Whether a re-associating peer's received offset is possible: not beyond what was sent,
+    /// and not below what it already acknowledged (received bytes are never forgotten; replay
+    /// could not fill such a gap, so accepting it would loop on reconnections forever).
     fn ack_in_range(&self, ack: Offset) -> bool {
         let sent_end = self.tx_sent_end();
-        ack.0 <= sent_end.0 + u64::from(self.fin == Some(sent_end))
+        ack >= self.tx_acked && ack.0 <= sent_end.0 + u64::from(self.fin == Some(sent_end))
     }
 
     /// Listening side: a `Reassoc` for this session arrived on a new connection `conn`.
@@ -1321,6 +1335,7 @@ impl Session {
     }
 
     fn promote(&mut self, p: Pending) {
+        self.stats.reassociations += 1;
         self.key = p.key;
         self.epoch = p.epoch;
         self.peer = p.peer;
@@ -1362,7 +1377,6 @@ impl Session {
         self.promote(p);
         // Range checked in handle_reassoc; acks only grow since.
         let _ = self.on_ack(peer_recv);
-        self.stats.reassociations += 1;
         self.install_link(ProofOfKey(()), now, conn, false);
         Ok(())
     }
@@ -1497,6 +1511,11 @@ impl Session {
                 self.link_mut().fin_sent = true;
                 return Some(Transmit::control(&Frame::Fin { offset: f }));
             }
+        }
+        if self.elicit_ack && (self.tx_next >= self.tx_written() || self.tx_next >= self.peer_limit)
+        {
+            self.elicit_ack = false;
+            return Some(Transmit::control(&Frame::Ping));
         }
         if self.ack_now || self.ack_due.is_some_and(|t| t <= now) {
             let t = Transmit::control(&Frame::Ack {

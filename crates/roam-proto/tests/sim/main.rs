@@ -1182,3 +1182,34 @@ proptest! {
         run_ops(seed, latency_ms, &ops);
     }
 }
+
+/// A sender whose send buffer is smaller than the receiver's acknowledgement threshold must not
+/// wait out the receiver's ack delay each time it fills: blocking elicits an acknowledgement
+/// (regression: throughput fell to one buffer per ack delay).
+#[test]
+fn blocked_writer_elicits_an_immediate_acknowledgement() {
+    let mut w = World::new(31);
+    w.latency = MS;
+    w.config.send_capacity = 8 * 1024;
+    w.config.ack_threshold = 64 * 1024;
+    w.config.ack_delay = 200 * MS;
+    let a = w.add_host("A");
+    let b = w.add_host("B");
+    w.associate(a, b);
+    w.drive();
+    let mut ab = Flow::new("A→B", 5);
+    let start = w.elapsed();
+    let mut rounds = 0;
+    while ab.sent.len() < 64 * 1024 {
+        ab.write_some(w.s(a), 64 * 1024);
+        assert_eq!(ab.write(w.s(a), 1), Err(WriteError::Blocked));
+        w.drive_until(|w| w.sr(a).unacked() == 0);
+        rounds += 1;
+    }
+    let took = w.elapsed() - start;
+    assert!(rounds >= 8);
+    // Each round trip is ~2 ms of virtual time; waiting for the ack delay would take 200 ms.
+    assert!(took < 200 * MS, "{rounds} rounds took {took:?}");
+    ab.read_all(w.s(b));
+    ab.assert_delivered();
+}
