@@ -431,7 +431,9 @@ pub struct Session {
     retained_len: u64,
     unsent: BytesMut,
     tx_next: Offset,
-    tx_next_chunk: usize,
+    /// Where sending resumes inside `retained` when `tx_next` is below the sent end: the index
+    /// of the chunk holding `tx_next` and that chunk's first offset.
+    replay_at: (usize, Offset),
     fin: Option<Offset>,
     fin_acked: bool,
     peer_limit: Offset,
@@ -505,7 +507,7 @@ impl Session {
             retained_len: 0,
             unsent: BytesMut::new(),
             tx_next: Offset(0),
-            tx_next_chunk: 0,
+            replay_at: (0, Offset(0)),
             fin: None,
             fin_acked: false,
             peer_limit: Offset(MIN_WINDOW),
@@ -582,6 +584,7 @@ impl Session {
         s.next_dial = Some(now);
         s.tx_acked = image.tx_acked;
         s.tx_next = image.tx_acked;
+        s.replay_at = (0, image.tx_acked);
         // The peer may already hold some of these bytes (they were sent before the freeze but
         // not acknowledged), so they are retained as sent: its Accept may acknowledge them.
         s.retained_len = image.tx_data.len() as u64;
@@ -960,6 +963,7 @@ impl Session {
         }
         let mut n = data_ack.since(self.tx_acked);
         self.retained_len -= n;
+        let mut popped = 0;
         while n > 0 {
             // retained covers [tx_acked, sent_end) and n ≤ that length, so front exists.
             let front = self
@@ -969,16 +973,22 @@ impl Session {
             if (front.len() as u64) <= n {
                 n -= front.len() as u64;
                 self.retained.pop_front();
-                self.tx_next_chunk = self.tx_next_chunk.saturating_sub(1);
+                popped += 1;
             } else {
                 front.advance(n as usize);
                 n = 0;
             }
         }
         self.tx_acked = data_ack;
-        if self.tx_next < self.tx_acked {
+        if self.tx_next <= self.tx_acked {
             self.tx_next = self.tx_acked;
-            self.tx_next_chunk = 0;
+            self.replay_at = (0, self.tx_acked);
+        } else {
+            // tx_next's chunk survived the trim (it holds an unacknowledged byte).
+            self.replay_at.0 -= popped;
+            if self.replay_at.0 == 0 {
+                self.replay_at.1 = self.tx_acked;
+            }
         }
         self.wake_write = true;
         Ok(())
@@ -1405,7 +1415,7 @@ impl Session {
         self.backoff = self.config.redial_initial;
         // Replay everything the peer has not acknowledged (PROTOCOL.md §6.4).
         self.tx_next = self.tx_acked;
-        self.tx_next_chunk = 0;
+        self.replay_at = (0, self.tx_acked);
         self.ack_now = true;
         self.wake_write = true;
         self.wake_read = true;
@@ -1552,34 +1562,13 @@ impl Session {
         let max = (self.config.max_frame_payload as u64).min(self.peer_limit.since(self.tx_next));
         let sent_end = self.tx_sent_end();
         let payload = if self.tx_next < sent_end {
-            // Replay from the retention buffer: find the chunk holding tx_next.
-            let mut start = self.tx_acked;
-            let mut i = 0;
-            if self.tx_next_chunk < self.retained.len() {
-                for c in self.retained.iter().take(self.tx_next_chunk) {
-                    start = start.plus(c.len() as u64);
-                }
-                i = self.tx_next_chunk;
-                if start > self.tx_next {
-                    start = self.tx_acked;
-                    i = 0;
-                }
-            }
-            loop {
-                let len = self.retained[i].len() as u64;
-                if self.tx_next < start.plus(len) {
-                    break;
-                }
-                start = start.plus(len);
-                i += 1;
-            }
+            // Replay from the retention buffer, at the chunk holding tx_next.
+            let (i, start) = self.replay_at;
             let chunk = &self.retained[i];
             let from = self.tx_next.since(start) as usize;
             let n = ((chunk.len() - from) as u64).min(max) as usize;
             if from + n == chunk.len() {
-                self.tx_next_chunk = i + 1;
-            } else {
-                self.tx_next_chunk = i;
+                self.replay_at = (i + 1, start.plus(chunk.len() as u64));
             }
             chunk.slice(from..from + n)
         } else {
@@ -1591,7 +1580,7 @@ impl Session {
             }
             self.retained.push_back(chunk.clone());
             self.retained_len += n as u64;
-            self.tx_next_chunk = self.retained.len();
+            self.replay_at = (self.retained.len(), self.tx_sent_end());
             chunk
         };
         let offset = self.tx_next;
