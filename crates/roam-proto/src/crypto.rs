@@ -75,6 +75,21 @@ pub(crate) fn initial_key(shared: &[u8; 32], hello: &[u8], welcome_signed: &[u8]
     expand(b"roam/v1/associate", shared, &th)
 }
 
+/// An association key for datagram sockets (PROTOCOL.md §10.2), and the 64-bit association id
+/// both sides derive from it.
+pub(crate) fn datagram_key(
+    shared: &[u8; 32],
+    hello: &[u8],
+    welcome_signed: &[u8],
+) -> (SessionKey, u64) {
+    let th = transcript_hash(&[b"roam/v1/datagram", hello, welcome_signed]);
+    let key = expand(b"roam/v1/datagram", shared, &th);
+    let id = expand(&key.0, b"", b"roam/v1/association-id");
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&id.0[..8]);
+    (key, u64::from_be_bytes(b))
+}
+
 /// The next epoch's key: the old key ratcheted with a fresh DH output (PROTOCOL.md §5.2).
 ///
 /// A copy of an old image holds the old key but not the fresh DH secret, so it cannot follow.

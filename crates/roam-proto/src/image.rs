@@ -148,46 +148,12 @@ impl StreamImage {
         ] {
             body.put_u64(v);
         }
-        let mut out = Vec::with_capacity(PREFIX_LEN + body.len() + DIGEST_LEN);
-        out.put_slice(&IMAGE_MAGIC);
-        out.put_u16(IMAGE_VERSION);
-        // Session buffers are bounded by their capacities (far below 4 GiB).
-        out.put_u32(body.len() as u32);
-        out.put_slice(&body);
-        let digest = crypto::sha256(&out);
-        out.put_slice(&digest);
-        out
+        seal(&IMAGE_MAGIC, &body)
     }
 
     /// Decode and verify an image made by [`StreamImage::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<StreamImage, ImageError> {
-        if bytes.len() < 8 || bytes[..8] != IMAGE_MAGIC {
-            return Err(if IMAGE_MAGIC.starts_with(bytes) {
-                ImageError::Truncated
-            } else {
-                ImageError::Foreign
-            });
-        }
-        if bytes.len() < PREFIX_LEN + DIGEST_LEN {
-            return Err(ImageError::Truncated);
-        }
-        let version = u16::from_be_bytes([bytes[8], bytes[9]]);
-        if version != IMAGE_VERSION {
-            return Err(ImageError::UnsupportedVersion(version));
-        }
-        let body_len = u32::from_be_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]) as usize;
-        let expected = PREFIX_LEN + body_len + DIGEST_LEN;
-        if bytes.len() < expected {
-            return Err(ImageError::Truncated);
-        }
-        if bytes.len() > expected {
-            return Err(ImageError::Trailing(bytes.len() - expected));
-        }
-        let (signed, digest) = bytes.split_at(PREFIX_LEN + body_len);
-        if crypto::sha256(signed) != digest {
-            return Err(ImageError::Corrupt);
-        }
-        let mut r = Reader::new(&signed[PREFIX_LEN..]);
+        let mut r = Reader::new(open(&IMAGE_MAGIC, bytes)?);
         let session = SessionId(r.array("session id")?);
         let epoch = Epoch(r.u64("epoch")?);
         let key = SessionKey(r.array("key")?);
@@ -265,7 +231,52 @@ impl StreamImage {
     }
 }
 
-fn len_of(n: u64, r: &Reader<'_>) -> Result<usize, DecodeError> {
+/// Wrap an image body: `magic | version | length | body | SHA-256 of all before`.
+pub(crate) fn seal(magic: &[u8; 8], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(PREFIX_LEN + body.len() + DIGEST_LEN);
+    out.put_slice(magic);
+    out.put_u16(IMAGE_VERSION);
+    // Image bodies are bounded by session and socket buffer capacities (far below 4 GiB).
+    out.put_u32(body.len() as u32);
+    out.put_slice(body);
+    let digest = crypto::sha256(&out);
+    out.put_slice(&digest);
+    out
+}
+
+/// Check an image's envelope (magic, version, exact length, digest) and return its body.
+pub(crate) fn open<'a>(magic: &[u8; 8], bytes: &'a [u8]) -> Result<&'a [u8], ImageError> {
+    if bytes.len() < 8 || bytes[..8] != *magic {
+        return Err(if magic.starts_with(bytes) {
+            ImageError::Truncated
+        } else {
+            ImageError::Foreign
+        });
+    }
+    if bytes.len() < PREFIX_LEN + DIGEST_LEN {
+        return Err(ImageError::Truncated);
+    }
+    let version = u16::from_be_bytes([bytes[8], bytes[9]]);
+    if version != IMAGE_VERSION {
+        return Err(ImageError::UnsupportedVersion(version));
+    }
+    let body_len = u32::from_be_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]) as usize;
+    let expected = PREFIX_LEN + body_len + DIGEST_LEN;
+    if bytes.len() < expected {
+        return Err(ImageError::Truncated);
+    }
+    if bytes.len() > expected {
+        return Err(ImageError::Trailing(bytes.len() - expected));
+    }
+    let (signed, digest) = bytes.split_at(PREFIX_LEN + body_len);
+    if crypto::sha256(signed) != digest {
+        return Err(ImageError::Corrupt);
+    }
+    Ok(&signed[PREFIX_LEN..])
+}
+
+/// Check a length read from an image against the bytes left.
+pub(crate) fn len_of(n: u64, r: &Reader<'_>) -> Result<usize, DecodeError> {
     if n > r.remaining() as u64 {
         return Err(DecodeError::Truncated("buffer"));
     }

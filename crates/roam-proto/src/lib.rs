@@ -10,6 +10,8 @@
 //! - [`session`]: one session (the patent's roam socket module): association, data with byte
 //!   sequence numbers and acknowledgements, freeze, re-association.
 //! - [`image`]: the versioned, integrity-checked migration image.
+//! - [`datagram`]: migrateable datagram sockets (association tables, re-association, address
+//!   translation).
 //!
 //! ```
 //! use std::time::Instant;
@@ -38,16 +40,21 @@
 
 pub mod codec;
 mod crypto;
+pub mod datagram;
 pub mod frame;
 pub mod image;
 pub mod session;
 mod types;
 
 pub use crypto::SessionKey;
+pub use datagram::{
+    DatagramConfig, DatagramError, DatagramEvent, DatagramImage, DatagramSocket, DatagramStats,
+    PeerEntry,
+};
 pub use frame::{Frame, FrameError, RefuseReason};
 pub use image::{ImageError, StreamImage};
 pub use session::{
     Associating, Event, FreezeError, HandshakeError, LocalInfo, PeerInfo, ProtocolViolation,
     ReadError, Session, SessionConfig, SessionError, Stats, Transmit, WriteError,
 };
-pub use types::{ConnId, EndpointId, Entropy, Epoch, Offset, SessionId};
+pub use types::{ConnId, EndpointId, Entropy, Epoch, Offset, SessionId, SocketId};

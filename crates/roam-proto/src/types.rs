@@ -33,6 +33,13 @@ hex_id!(
 );
 
 hex_id!(
+    /// A datagram socket's identifier: random at bind, kept across migrations
+    /// (PROTOCOL.md §10.1).
+    SocketId,
+    16
+);
+
+hex_id!(
     /// An endpoint's identifier: random per endpoint, the "host identity" half of the patent's
     /// object reference (PROTOCOL.md §2).
     EndpointId,

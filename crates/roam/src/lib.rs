@@ -30,16 +30,19 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod datagram;
 mod driver;
 mod endpoint;
 pub mod error;
 mod stream;
 
+pub use datagram::Datagram;
 pub use endpoint::{Endpoint, EndpointConfig, EndpointStats};
 pub use error::{AcceptError, BindError, ConnectError, ThawError};
 pub use roam_proto::{
-    EndpointId, Epoch, FreezeError, ImageError, PeerInfo, RefuseReason, SessionConfig,
-    SessionError, SessionId, Stats, StreamImage,
+    DatagramConfig, DatagramError, DatagramEvent, DatagramImage, DatagramStats, EndpointId, Epoch,
+    FreezeError, ImageError, PeerEntry, PeerInfo, RefuseReason, SessionConfig, SessionError,
+    SessionId, SocketId, Stats, StreamImage,
 };
 pub use stream::{ReadHalf, Stream, WriteHalf};
 

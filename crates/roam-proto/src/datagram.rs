@@ -1,0 +1,1510 @@
+//! Migrateable datagram sockets: association tables, re-association and address translation
+//! (PROTOCOL.md §10; claims 8-11, 21-28, 38-43).
+//!
+//! This object performs no I/O whatsoever. A driver passes in datagrams received
+//! ([`DatagramSocket::handle`]) and timer expiries ([`DatagramSocket::handle_timeout`]), and
+//! polls out datagrams to send ([`DatagramSocket::poll_transmit`]), events
+//! ([`DatagramSocket::poll_event`]) and the next timer ([`DatagramSocket::poll_timeout`]), in
+//! that order. The application's commands are [`DatagramSocket::send_to`],
+//! [`DatagramSocket::recv`], [`DatagramSocket::freeze`]. Randomness comes from a seed the
+//! driver supplies (as quinn-proto's endpoint takes an RNG seed).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+use crate::codec::{DecodeError, Reader, WriteExt};
+use crate::crypto::{self, Ephemeral, SessionKey};
+use crate::frame::{FrameError, MAC_LEN, MAGIC, VERSION};
+use crate::types::SocketId;
+
+/// Packet type codes of datagram sockets (PROTOCOL.md §10.1, table 2).
+#[allow(missing_docs)]
+pub mod dkind {
+    pub const HELLO: u8 = 0x40;
+    pub const WELCOME: u8 = 0x41;
+    pub const DATA: u8 = 0x42;
+    pub const REASSOC: u8 = 0x43;
+    pub const REASSOC_ACK: u8 = 0x44;
+    pub const FREEZING: u8 = 0x45;
+}
+
+/// Bytes a `Data` packet adds to the application's payload (type and association id).
+pub const DATA_OVERHEAD: usize = 9;
+/// The largest UDP payload IPv4 allows.
+pub const MAX_UDP_PAYLOAD: usize = 65_507;
+
+const LABEL_WELCOME: &[u8] = b"roam/v1/dgram-welcome";
+const LABEL_REASSOC: &[u8] = b"roam/v1/dgram-reassoc";
+const LABEL_ACK: &[u8] = b"roam/v1/dgram-ack";
+const LABEL_FREEZING: &[u8] = b"roam/v1/dgram-freezing";
+
+/// One datagram-socket packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Packet {
+    /// First contact: the initiator's socket id and ephemeral key.
+    Hello {
+        /// The initiator's socket id.
+        socket: SocketId,
+        /// Its ephemeral X25519 public key.
+        eph: [u8; 32],
+        /// Its nonce.
+        nonce: [u8; 16],
+    },
+    /// The responder's answer, with key confirmation.
+    Welcome {
+        /// The responder's socket id.
+        socket: SocketId,
+        /// The initiator's socket id (echoed).
+        to: SocketId,
+        /// The responder's ephemeral X25519 public key.
+        eph: [u8; 32],
+        /// Its nonce.
+        nonce: [u8; 16],
+        /// HMAC under the new association key.
+        mac: [u8; MAC_LEN],
+    },
+    /// An application datagram on an association.
+    Data {
+        /// The association id both sides derived from the key.
+        assoc: u64,
+        /// The application's bytes.
+        payload: Bytes,
+    },
+    /// A moved socket announces its new address (claims 11, 21d, 25).
+    Reassoc {
+        /// The association.
+        assoc: u64,
+        /// The sender's migration epoch; strictly increasing.
+        epoch: u64,
+        /// The sender's new address.
+        addr: SocketAddr,
+        /// A nonce.
+        nonce: [u8; 16],
+        /// HMAC under the association key.
+        mac: [u8; MAC_LEN],
+    },
+    /// The peer updated its tables (claim 26).
+    ReassocAck {
+        /// The association.
+        assoc: u64,
+        /// The epoch acknowledged.
+        epoch: u64,
+        /// HMAC under the association key.
+        mac: [u8; MAC_LEN],
+    },
+    /// The sender is freezing: hold datagrams for it until it re-associates.
+    Freezing {
+        /// The association.
+        assoc: u64,
+        /// The sender's current epoch.
+        epoch: u64,
+        /// HMAC under the association key.
+        mac: [u8; MAC_LEN],
+    },
+}
+
+impl Packet {
+    /// Encode as one UDP payload.
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(96);
+        match self {
+            Packet::Hello { socket, eph, nonce } => {
+                b.put_u8(dkind::HELLO);
+                b.put_slice(&MAGIC);
+                b.put_u16(VERSION);
+                b.put_slice(&socket.0);
+                b.put_slice(eph);
+                b.put_slice(nonce);
+            }
+            Packet::Welcome { mac, .. } => {
+                b.put_u8(dkind::WELCOME);
+                b.put_slice(&self.signed());
+                b.put_slice(mac);
+            }
+            Packet::Data { assoc, payload } => {
+                b.reserve(DATA_OVERHEAD + payload.len());
+                b.put_u8(dkind::DATA);
+                b.put_u64(*assoc);
+                b.put_slice(payload);
+            }
+            Packet::Reassoc { mac, .. } => {
+                b.put_u8(dkind::REASSOC);
+                b.put_slice(&self.signed());
+                b.put_slice(mac);
+            }
+            Packet::ReassocAck { assoc, epoch, mac } => {
+                b.put_u8(dkind::REASSOC_ACK);
+                b.put_u64(*assoc);
+                b.put_u64(*epoch);
+                b.put_slice(mac);
+            }
+            Packet::Freezing { assoc, epoch, mac } => {
+                b.put_u8(dkind::FREEZING);
+                b.put_u64(*assoc);
+                b.put_u64(*epoch);
+                b.put_slice(mac);
+            }
+        }
+        b.freeze()
+    }
+
+    /// What the MAC of a `Welcome` or `Reassoc` covers: every field but the MAC.
+    fn signed(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(96);
+        match self {
+            Packet::Welcome {
+                socket,
+                to,
+                eph,
+                nonce,
+                ..
+            } => {
+                v.put_slice(&socket.0);
+                v.put_slice(&to.0);
+                v.put_slice(eph);
+                v.put_slice(nonce);
+            }
+            Packet::Reassoc {
+                assoc,
+                epoch,
+                addr,
+                nonce,
+                ..
+            } => {
+                v.put_u64(*assoc);
+                v.put_u64(*epoch);
+                v.put_socket_addr(*addr);
+                v.put_slice(nonce);
+            }
+            Packet::Hello { .. } => {
+                v = self.encode().to_vec();
+            }
+            _ => {}
+        }
+        v
+    }
+
+    /// Decode one UDP payload. `Data` payloads are sliced without copying.
+    pub fn decode(bytes: Bytes) -> Result<Packet, FrameError> {
+        let Some(&ty) = bytes.first() else {
+            return Err(DecodeError::Truncated("packet type").into());
+        };
+        if ty == dkind::DATA {
+            if bytes.len() < DATA_OVERHEAD {
+                return Err(DecodeError::Truncated("association id").into());
+            }
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&bytes[1..9]);
+            return Ok(Packet::Data {
+                assoc: u64::from_be_bytes(id),
+                payload: bytes.slice(DATA_OVERHEAD..),
+            });
+        }
+        let mut r = Reader::new(&bytes[1..]);
+        let p = match ty {
+            dkind::HELLO => {
+                let magic: [u8; 4] = r.array("magic").map_err(|_| FrameError::BadMagic)?;
+                if magic != MAGIC {
+                    return Err(FrameError::BadMagic);
+                }
+                let v = r.u16("version")?;
+                if v != VERSION {
+                    return Err(FrameError::UnsupportedVersion(v));
+                }
+                Packet::Hello {
+                    socket: SocketId(r.array("socket id")?),
+                    eph: r.array("ephemeral key")?,
+                    nonce: r.array("nonce")?,
+                }
+            }
+            dkind::WELCOME => Packet::Welcome {
+                socket: SocketId(r.array("socket id")?),
+                to: SocketId(r.array("socket id")?),
+                eph: r.array("ephemeral key")?,
+                nonce: r.array("nonce")?,
+                mac: r.array("mac")?,
+            },
+            dkind::REASSOC => Packet::Reassoc {
+                assoc: r.u64("association id")?,
+                epoch: r.u64("epoch")?,
+                addr: r.socket_addr("address")?,
+                nonce: r.array("nonce")?,
+                mac: r.array("mac")?,
+            },
+            dkind::REASSOC_ACK => Packet::ReassocAck {
+                assoc: r.u64("association id")?,
+                epoch: r.u64("epoch")?,
+                mac: r.array("mac")?,
+            },
+            dkind::FREEZING => Packet::Freezing {
+                assoc: r.u64("association id")?,
+                epoch: r.u64("epoch")?,
+                mac: r.array("mac")?,
+            },
+            other => return Err(FrameError::UnknownType(other)),
+        };
+        r.finish()?;
+        Ok(p)
+    }
+}
+
+/// Limits and timers of a datagram socket. [`Default`] gives the documented defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DatagramConfig {
+    /// Largest application payload accepted by `send_to`; larger is an error, never a silent
+    /// truncation. Default 65,498 (the IPv4 UDP maximum less roam's 9 bytes).
+    pub max_payload: usize,
+    /// Datagrams held per peer while it is migrating (or being associated with); beyond it
+    /// the oldest is dropped and counted. Default 256.
+    pub hold_capacity: usize,
+    /// Received datagrams waiting for `recv`; beyond it new ones are dropped and counted.
+    /// Default 1024.
+    pub recv_capacity: usize,
+    /// Associations a socket keeps; first contacts beyond it are ignored. Default 4096.
+    pub max_associations: usize,
+    /// First resend delay of a `Hello` or `Reassoc` without answer; doubles each time.
+    /// Default 50 ms.
+    pub retry_initial: Duration,
+    /// Longest resend delay. Default 1 s.
+    pub retry_max: Duration,
+    /// Sends of a `Hello` or `Reassoc` before the peer is reported unreachable. Default 8.
+    pub max_tries: u32,
+    /// Longest a peer that announced a freeze is waited for before held datagrams are dropped.
+    /// Default 30 s.
+    pub hold_timeout: Duration,
+}
+
+impl Default for DatagramConfig {
+    fn default() -> Self {
+        DatagramConfig {
+            max_payload: MAX_UDP_PAYLOAD - DATA_OVERHEAD,
+            hold_capacity: 256,
+            recv_capacity: 1024,
+            max_associations: 4096,
+            retry_initial: Duration::from_millis(50),
+            retry_max: Duration::from_secs(1),
+            max_tries: 8,
+            hold_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a datagram operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DatagramError {
+    /// The payload exceeds what one datagram can carry.
+    #[error("datagram of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// The payload's length.
+        len: usize,
+        /// The largest payload allowed.
+        max: usize,
+    },
+    /// The receive buffer is smaller than the next datagram (which stays queued).
+    #[error("buffer of {len} bytes is too small for a {needed}-byte datagram")]
+    BufferTooSmall {
+        /// The buffer's length.
+        len: usize,
+        /// The datagram's length.
+        needed: usize,
+    },
+    /// The socket is frozen.
+    #[error("socket frozen")]
+    Frozen,
+}
+
+/// Something the driver or application may want to know, from
+/// [`DatagramSocket::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DatagramEvent {
+    /// An association with the peer the application knows as `peer` is complete.
+    Associated {
+        /// The address the application knows the peer by.
+        peer: SocketAddr,
+    },
+    /// A peer re-associated from a new address (our tables were updated).
+    PeerMoved {
+        /// The address the application knows the peer by.
+        peer: SocketAddr,
+        /// Where it is now.
+        now_at: SocketAddr,
+    },
+    /// A peer acknowledged our re-association.
+    Reassociated {
+        /// The address the application knows the peer by.
+        peer: SocketAddr,
+    },
+    /// A peer never answered `Hello` or `Reassoc` after `max_tries` sends.
+    PeerUnreachable {
+        /// The address the application knows the peer by.
+        peer: SocketAddr,
+    },
+}
+
+/// Counters of a datagram socket (they migrate with it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DatagramStats {
+    /// Application datagrams sent (handed to the network).
+    pub sent: u64,
+    /// Application datagrams received and queued for the application.
+    pub received: u64,
+    /// Datagrams dropped because a hold queue (peer migrating or associating) was full.
+    pub dropped_hold: u64,
+    /// Datagrams dropped because the receive queue was full.
+    pub dropped_recv: u64,
+    /// Datagrams dropped because their peer never came back (hold timeout, unreachable).
+    pub dropped_unreachable: u64,
+    /// Datagrams held while a peer migrated and sent after it re-associated.
+    pub held_and_sent: u64,
+    /// `Reassoc` packets sent, first sends and resends.
+    pub reassoc_sent: u64,
+    /// `Reassoc` resends triggered by data arriving before the acknowledgement (claim 28).
+    pub reassoc_resent_on_data: u64,
+    /// Peers' re-associations accepted.
+    pub reassoc_accepted: u64,
+    /// Packets refused: bad MACs, stale epochs, unknown associations, malformed.
+    pub refused: u64,
+    /// Planned migrations of this socket.
+    pub migrations: u64,
+}
+
+/// One row of the association table, as the application may inspect it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerEntry {
+    /// The address the application knows the peer by (its first address).
+    pub known_addr: SocketAddr,
+    /// Where the peer is now (the translation of `known_addr`).
+    pub addr: SocketAddr,
+    /// The peer's socket id.
+    pub socket: SocketId,
+    /// The peer's migration epoch last accepted.
+    pub peer_epoch: u64,
+    /// True while the peer announced a freeze and has not re-associated.
+    pub migrating: bool,
+    /// True while our re-association to it is unacknowledged.
+    pub reassociating: bool,
+}
+
+struct Retry {
+    tries: u32,
+    next_at: Instant,
+    delay: Duration,
+    last_sent: Instant,
+}
+
+impl Retry {
+    fn new(now: Instant, first: Duration) -> Retry {
+        Retry {
+            tries: 1,
+            next_at: now + first,
+            delay: first,
+            last_sent: now,
+        }
+    }
+
+    fn bump(&mut self, now: Instant, max: Duration) {
+        self.tries += 1;
+        self.delay = (self.delay * 2).min(max);
+        self.next_at = now + self.delay;
+    }
+}
+
+/// A row of the association table (claims 9, 21b, 23).
+struct Assoc {
+    id: u64,
+    peer: SocketId,
+    key: SessionKey,
+    known_addr: SocketAddr,
+    addr: SocketAddr,
+    peer_epoch: u64,
+    /// Our unacknowledged re-association.
+    reassoc: Option<Retry>,
+    /// The peer announced a freeze at this instant; hold datagrams for it.
+    migrating_since: Option<Instant>,
+    held: VecDeque<Bytes>,
+    /// For a responder: the Hello it answered and the Welcome, to answer a resent Hello alike.
+    answered: Option<([u8; 32], Bytes)>,
+}
+
+/// An association being set up by this side (the initiator).
+struct Handshake {
+    eph: Ephemeral,
+    hello: Bytes,
+    retry: Retry,
+    queued: VecDeque<Bytes>,
+}
+
+/// What a frozen datagram socket carries to its new host (PROTOCOL.md §10.4).
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatagramImage {
+    pub(crate) id: SocketId,
+    pub(crate) epoch: u64,
+    pub(crate) origin: SocketAddr,
+    pub(crate) assocs: Vec<AssocImage>,
+    pub(crate) pending: Vec<(SocketAddr, Vec<Bytes>)>,
+    pub(crate) inbox: Vec<(SocketAddr, Bytes)>,
+    pub(crate) stats: DatagramStats,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct AssocImage {
+    pub(crate) id: u64,
+    pub(crate) peer: SocketId,
+    pub(crate) key: SessionKey,
+    pub(crate) known_addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
+    pub(crate) peer_epoch: u64,
+    pub(crate) held: Vec<Bytes>,
+}
+
+impl std::fmt::Debug for DatagramImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatagramImage")
+            .field("id", &self.id)
+            .field("epoch", &self.epoch)
+            .field("origin", &self.origin)
+            .field("peers", &self.assocs.len())
+            .field("inbox", &self.inbox.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DatagramImage {
+    /// The socket's id.
+    pub fn socket_id(&self) -> SocketId {
+        self.id
+    }
+
+    /// The migration epoch the image was frozen at.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Peers in the association table.
+    pub fn peer_count(&self) -> usize {
+        self.assocs.len()
+    }
+
+    /// Received datagrams not yet read (delivered first after thaw).
+    pub fn buffered_datagrams(&self) -> usize {
+        self.inbox.len()
+    }
+
+    /// Counters carried with the socket.
+    pub fn stats(&self) -> DatagramStats {
+        self.stats
+    }
+}
+
+/// A migrateable datagram socket's state (the roam socket module for UDP).
+pub struct DatagramSocket {
+    config: DatagramConfig,
+    id: SocketId,
+    local: SocketAddr,
+    epoch: u64,
+    rng: ChaCha20Rng,
+    assocs: HashMap<u64, Assoc>,
+    /// Application-known and current addresses → association (the address translation
+    /// table, claims 27, 42, 43).
+    by_addr: HashMap<SocketAddr, u64>,
+    handshakes: HashMap<SocketAddr, Handshake>,
+    inbox: VecDeque<(SocketAddr, Bytes)>,
+    transmits: VecDeque<(SocketAddr, Bytes)>,
+    events: VecDeque<DatagramEvent>,
+    frozen: bool,
+    wake_recv: bool,
+    stats: DatagramStats,
+}
+
+impl std::fmt::Debug for DatagramSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatagramSocket")
+            .field("id", &self.id)
+            .field("local", &self.local)
+            .field("epoch", &self.epoch)
+            .field("peers", &self.assocs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DatagramSocket {
+    /// A new socket bound (by the driver) at `local`; `seed` feeds its CSPRNG.
+    pub fn new(config: DatagramConfig, local: SocketAddr, seed: [u8; 32]) -> DatagramSocket {
+        let mut rng = ChaCha20Rng::from_seed(seed);
+        let mut id = [0u8; 16];
+        rng.fill_bytes(&mut id);
+        DatagramSocket {
+            config,
+            id: SocketId(id),
+            local,
+            epoch: 0,
+            rng,
+            assocs: HashMap::new(),
+            by_addr: HashMap::new(),
+            handshakes: HashMap::new(),
+            inbox: VecDeque::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            frozen: false,
+            wake_recv: false,
+            stats: DatagramStats::default(),
+        }
+    }
+
+    /// Rebuild a frozen socket at its new address and re-associate with every peer in its
+    /// table (claims 10, 11, 21d, 24, 25): one `Reassoc` each, at a new epoch.
+    pub fn from_image(
+        image: DatagramImage,
+        local: SocketAddr,
+        config: DatagramConfig,
+        seed: [u8; 32],
+        now: Instant,
+    ) -> DatagramSocket {
+        let mut s = DatagramSocket::new(config, local, seed);
+        s.id = image.id;
+        s.epoch = image.epoch + 1;
+        s.stats = image.stats;
+        s.stats.migrations += 1;
+        for a in image.assocs {
+            s.by_addr.insert(a.known_addr, a.id);
+            s.by_addr.insert(a.addr, a.id);
+            s.assocs.insert(
+                a.id,
+                Assoc {
+                    id: a.id,
+                    peer: a.peer,
+                    key: a.key,
+                    known_addr: a.known_addr,
+                    addr: a.addr,
+                    peer_epoch: a.peer_epoch,
+                    reassoc: None,
+                    migrating_since: None,
+                    held: a.held.into(),
+                    answered: None,
+                },
+            );
+        }
+        let ids: Vec<u64> = s.assocs.keys().copied().collect();
+        for id in ids {
+            s.send_reassoc(now, id, false);
+        }
+        for (dest, queued) in image.pending {
+            for d in queued {
+                // Re-queued for a fresh handshake; errors cannot occur for sizes that fit.
+                let _ = s.send_to(now, dest, &d);
+            }
+        }
+        s.inbox = image.inbox.into();
+        s.wake_recv = !s.inbox.is_empty();
+        s
+    }
+
+    // ------------------------------------------------------------------ getters
+
+    /// The socket's id.
+    pub fn id(&self) -> SocketId {
+        self.id
+    }
+
+    /// The address the driver bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The migration epoch (planned moves so far).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> DatagramStats {
+        self.stats
+    }
+
+    /// The association table.
+    pub fn peers(&self) -> Vec<PeerEntry> {
+        let mut v: Vec<PeerEntry> = self
+            .assocs
+            .values()
+            .map(|a| PeerEntry {
+                known_addr: a.known_addr,
+                addr: a.addr,
+                socket: a.peer,
+                peer_epoch: a.peer_epoch,
+                migrating: a.migrating_since.is_some(),
+                reassociating: a.reassoc.is_some(),
+            })
+            .collect();
+        v.sort_by_key(|p| p.known_addr);
+        v
+    }
+
+    /// True once frozen.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// Whether the application's receiver should be woken (clears the flag).
+    pub fn take_wake_recv(&mut self) -> bool {
+        std::mem::take(&mut self.wake_recv)
+    }
+
+    // ----------------------------------------------------------------- commands
+
+    /// Send `payload` to the peer the application knows as `dest`. Associates on first
+    /// contact (the datagram waits, bounded, until then); while the peer is migrating the
+    /// datagram is held and sent after it re-associates.
+    pub fn send_to(
+        &mut self,
+        now: Instant,
+        dest: SocketAddr,
+        payload: &[u8],
+    ) -> Result<(), DatagramError> {
+        if self.frozen {
+            return Err(DatagramError::Frozen);
+        }
+        let max = self.config.max_payload.min(MAX_UDP_PAYLOAD - DATA_OVERHEAD);
+        if payload.len() > max {
+            return Err(DatagramError::TooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        let payload = Bytes::copy_from_slice(payload);
+        if let Some(id) = self.by_addr.get(&dest).copied() {
+            let cap = self.config.hold_capacity;
+            let a = self
+                .assocs
+                .get_mut(&id)
+                .expect("by_addr points at live rows");
+            if a.migrating_since.is_some() {
+                if a.held.len() >= cap {
+                    a.held.pop_front();
+                    self.stats.dropped_hold += 1;
+                }
+                a.held.push_back(payload);
+            } else {
+                let to = a.addr;
+                let p = Packet::Data { assoc: id, payload }.encode();
+                self.transmits.push_back((to, p));
+                self.stats.sent += 1;
+            }
+            return Ok(());
+        }
+        let cap = self.config.hold_capacity;
+        if let Some(h) = self.handshakes.get_mut(&dest) {
+            if h.queued.len() >= cap {
+                h.queued.pop_front();
+                self.stats.dropped_hold += 1;
+            }
+            h.queued.push_back(payload);
+            return Ok(());
+        }
+        let mut secret = [0u8; 32];
+        let mut nonce = [0u8; 16];
+        self.rng.fill_bytes(&mut secret);
+        self.rng.fill_bytes(&mut nonce);
+        let eph = Ephemeral::new(secret);
+        let hello = Packet::Hello {
+            socket: self.id,
+            eph: eph.public,
+            nonce,
+        }
+        .encode();
+        self.transmits.push_back((dest, hello.clone()));
+        self.handshakes.insert(
+            dest,
+            Handshake {
+                eph,
+                hello,
+                retry: Retry::new(now, self.config.retry_initial),
+                queued: VecDeque::from([payload]),
+            },
+        );
+        Ok(())
+    }
+
+    /// The next received datagram and the address the application knows its sender by.
+    pub fn recv(&mut self) -> Option<(SocketAddr, Bytes)> {
+        self.inbox.pop_front()
+    }
+
+    /// Length and sender of the next received datagram, without taking it.
+    pub fn peek(&self) -> Option<(SocketAddr, usize)> {
+        self.inbox.front().map(|(a, b)| (*a, b.len()))
+    }
+
+    /// Planned migration: tell every peer to hold its datagrams for us (the `Freezing`
+    /// packets are queued for the driver to send), and stop. [`DatagramSocket::image`] follows.
+    pub fn freeze(&mut self, _now: Instant) -> Result<(), DatagramError> {
+        if self.frozen {
+            return Err(DatagramError::Frozen);
+        }
+        self.frozen = true;
+        let mut out = Vec::new();
+        for a in self.assocs.values() {
+            let mut body = Vec::with_capacity(16);
+            body.put_u64(a.id);
+            body.put_u64(self.epoch);
+            let mac = crypto::mac(&a.key, LABEL_FREEZING, &[&body]);
+            out.push((
+                a.addr,
+                Packet::Freezing {
+                    assoc: a.id,
+                    epoch: self.epoch,
+                    mac,
+                }
+                .encode(),
+            ));
+        }
+        self.transmits.extend(out);
+        Ok(())
+    }
+
+    /// The image of a frozen socket: association table, keys, epochs, datagrams waiting.
+    pub fn image(&self) -> Option<DatagramImage> {
+        if !self.frozen {
+            return None;
+        }
+        let mut assocs: Vec<AssocImage> = self
+            .assocs
+            .values()
+            .map(|a| AssocImage {
+                id: a.id,
+                peer: a.peer,
+                key: a.key.clone(),
+                known_addr: a.known_addr,
+                addr: a.addr,
+                peer_epoch: a.peer_epoch,
+                held: a.held.iter().cloned().collect(),
+            })
+            .collect();
+        assocs.sort_by_key(|a| a.id);
+        let mut pending: Vec<(SocketAddr, Vec<Bytes>)> = self
+            .handshakes
+            .iter()
+            .map(|(d, h)| (*d, h.queued.iter().cloned().collect()))
+            .collect();
+        pending.sort_by_key(|p| p.0);
+        Some(DatagramImage {
+            id: self.id,
+            epoch: self.epoch,
+            origin: self.local,
+            assocs,
+            pending,
+            inbox: self.inbox.iter().cloned().collect(),
+            stats: self.stats,
+        })
+    }
+
+    // ------------------------------------------------------------------ handle_*
+
+    /// Handle one datagram received from `from`. Malformed, forged and stale packets are
+    /// counted and dropped; nothing a peer sends can make this fail.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: Bytes) {
+        if self.frozen {
+            return;
+        }
+        let Ok(p) = Packet::decode(bytes) else {
+            self.stats.refused += 1;
+            return;
+        };
+        match p {
+            Packet::Hello { socket, eph, nonce } => self.on_hello(from, socket, eph, nonce),
+            p @ Packet::Welcome { .. } => self.on_welcome(from, p),
+            Packet::Data { assoc, payload } => self.on_data(now, assoc, payload),
+            p @ Packet::Reassoc { .. } => self.on_reassoc(p),
+            Packet::ReassocAck { assoc, epoch, mac } => self.on_reassoc_ack(assoc, epoch, mac),
+            Packet::Freezing { assoc, epoch, mac } => self.on_freezing(now, assoc, epoch, mac),
+        }
+    }
+
+    fn on_hello(&mut self, from: SocketAddr, socket: SocketId, eph: [u8; 32], nonce: [u8; 16]) {
+        if socket == self.id {
+            self.stats.refused += 1;
+            return;
+        }
+        // A resent Hello we already answered: answer alike.
+        if let Some(a) = self.assocs.values().find(|a| a.peer == socket) {
+            match &a.answered {
+                Some((e, welcome)) if *e == eph => {
+                    self.transmits.push_back((from, welcome.clone()));
+                }
+                _ => self.stats.refused += 1,
+            }
+            return;
+        }
+        // Both sides said Hello at once: the lower socket id's Hello wins.
+        if self.handshakes.contains_key(&from) && self.id < socket {
+            return;
+        }
+        if self.assocs.len() >= self.config.max_associations {
+            self.stats.refused += 1;
+            return;
+        }
+        let mut secret = [0u8; 32];
+        let mut my_nonce = [0u8; 16];
+        self.rng.fill_bytes(&mut secret);
+        self.rng.fill_bytes(&mut my_nonce);
+        let mine = Ephemeral::new(secret);
+        let Ok(shared) = mine.agree(&eph) else {
+            self.stats.refused += 1;
+            return;
+        };
+        let hello = Packet::Hello { socket, eph, nonce }.encode();
+        let mut w = Packet::Welcome {
+            socket: self.id,
+            to: socket,
+            eph: mine.public,
+            nonce: my_nonce,
+            mac: [0; 32],
+        };
+        let signed = w.signed();
+        let (key, id) = crypto::datagram_key(&shared, &hello, &signed);
+        if self.assocs.contains_key(&id) {
+            self.stats.refused += 1;
+            return;
+        }
+        if let Packet::Welcome { mac, .. } = &mut w {
+            *mac = crypto::mac(&key, LABEL_WELCOME, &[&signed]);
+        }
+        let welcome = w.encode();
+        self.transmits.push_back((from, welcome.clone()));
+        let a = Assoc {
+            id,
+            peer: socket,
+            key,
+            known_addr: from,
+            addr: from,
+            peer_epoch: 0,
+            reassoc: None,
+            migrating_since: None,
+            held: VecDeque::new(),
+            answered: Some((eph, welcome)),
+        };
+        // Our own Hello to the same peer lost the tie: its datagrams ride this association.
+        if let Some(h) = self.handshakes.remove(&from) {
+            for d in h.queued {
+                self.transmits.push_back((
+                    from,
+                    Packet::Data {
+                        assoc: id,
+                        payload: d,
+                    }
+                    .encode(),
+                ));
+                self.stats.sent += 1;
+            }
+        }
+        self.by_addr.insert(from, id);
+        self.assocs.insert(id, a);
+        self.events
+            .push_back(DatagramEvent::Associated { peer: from });
+    }
+
+    fn on_welcome(&mut self, from: SocketAddr, w: Packet) {
+        let Packet::Welcome {
+            socket,
+            to,
+            eph,
+            mac,
+            ..
+        } = &w
+        else {
+            return;
+        };
+        if *to != self.id {
+            self.stats.refused += 1;
+            return;
+        }
+        let Some(h) = self.handshakes.get(&from) else {
+            // A duplicate Welcome after completion, or unsolicited.
+            return;
+        };
+        let Ok(shared) = h.eph.agree(eph) else {
+            self.stats.refused += 1;
+            return;
+        };
+        let signed = w.signed();
+        let (key, id) = crypto::datagram_key(&shared, &h.hello, &signed);
+        if !crypto::verify(&key, LABEL_WELCOME, &[&signed], mac) || self.assocs.contains_key(&id) {
+            self.stats.refused += 1;
+            return;
+        }
+        let h = self.handshakes.remove(&from).expect("checked above");
+        for d in h.queued {
+            self.transmits.push_back((
+                from,
+                Packet::Data {
+                    assoc: id,
+                    payload: d,
+                }
+                .encode(),
+            ));
+            self.stats.sent += 1;
+        }
+        self.by_addr.insert(from, id);
+        self.assocs.insert(
+            id,
+            Assoc {
+                id,
+                peer: *socket,
+                key,
+                known_addr: from,
+                addr: from,
+                peer_epoch: 0,
+                reassoc: None,
+                migrating_since: None,
+                held: VecDeque::new(),
+                answered: None,
+            },
+        );
+        self.events
+            .push_back(DatagramEvent::Associated { peer: from });
+    }
+
+    fn on_data(&mut self, now: Instant, assoc: u64, payload: Bytes) {
+        let Some(a) = self.assocs.get_mut(&assoc) else {
+            self.stats.refused += 1;
+            return;
+        };
+        let known = a.known_addr;
+        // Claim 28: data from a peer whose acknowledgement of our re-association has not
+        // arrived yet: send the request again (at most once per fifth of the first retry
+        // delay, so a burst of data does not become a burst of requests).
+        let gap = self.config.retry_initial / 5;
+        if a.reassoc.as_ref().is_some_and(|r| now >= r.last_sent + gap) {
+            self.stats.reassoc_resent_on_data += 1;
+            self.send_reassoc(now, assoc, true);
+        }
+        if self.inbox.len() >= self.config.recv_capacity {
+            self.stats.dropped_recv += 1;
+            return;
+        }
+        self.inbox.push_back((known, payload));
+        self.stats.received += 1;
+        self.wake_recv = true;
+    }
+
+    fn on_reassoc(&mut self, p: Packet) {
+        let Packet::Reassoc {
+            assoc,
+            epoch,
+            addr,
+            mac,
+            ..
+        } = &p
+        else {
+            return;
+        };
+        let Some(a) = self.assocs.get_mut(assoc) else {
+            self.stats.refused += 1;
+            return;
+        };
+        let signed = p.signed();
+        if !crypto::verify(&a.key, LABEL_REASSOC, &[&signed], mac) {
+            self.stats.refused += 1;
+            return;
+        }
+        // Strictly increasing epochs: a replay of an older request is refused; the current one
+        // again (a resend) is only acknowledged again.
+        if *epoch < a.peer_epoch || (*epoch == a.peer_epoch && *addr != a.addr) {
+            self.stats.refused += 1;
+            return;
+        }
+        let moved = *epoch > a.peer_epoch;
+        let old = a.addr;
+        a.peer_epoch = *epoch;
+        a.addr = *addr;
+        let id = a.id;
+        let known = a.known_addr;
+        let mut ack_body = Vec::with_capacity(16);
+        ack_body.put_u64(id);
+        ack_body.put_u64(*epoch);
+        let ack = Packet::ReassocAck {
+            assoc: id,
+            epoch: *epoch,
+            mac: crypto::mac(&a.key, LABEL_ACK, &[&ack_body]),
+        }
+        .encode();
+        // Send what was held for the peer while it migrated (in order, before anything new).
+        let held: Vec<Bytes> = a.held.drain(..).collect();
+        a.migrating_since = None;
+        self.transmits.push_back((*addr, ack));
+        for d in held {
+            self.transmits.push_back((
+                *addr,
+                Packet::Data {
+                    assoc: id,
+                    payload: d,
+                }
+                .encode(),
+            ));
+            self.stats.sent += 1;
+            self.stats.held_and_sent += 1;
+        }
+        if moved {
+            // The translation table: the application's address for the peer, and the one it
+            // used last, both lead to the new address (claims 27, 42, 43).
+            if old != known && self.by_addr.get(&old) == Some(&id) {
+                self.by_addr.remove(&old);
+            }
+            self.by_addr.insert(*addr, id);
+            self.stats.reassoc_accepted += 1;
+            self.events.push_back(DatagramEvent::PeerMoved {
+                peer: known,
+                now_at: *addr,
+            });
+        }
+    }
+
+    fn on_reassoc_ack(&mut self, assoc: u64, epoch: u64, mac: [u8; MAC_LEN]) {
+        let Some(a) = self.assocs.get_mut(&assoc) else {
+            self.stats.refused += 1;
+            return;
+        };
+        let mut body = Vec::with_capacity(16);
+        body.put_u64(assoc);
+        body.put_u64(epoch);
+        if epoch != self.epoch || !crypto::verify(&a.key, LABEL_ACK, &[&body], &mac) {
+            self.stats.refused += 1;
+            return;
+        }
+        if a.reassoc.take().is_some() {
+            let peer = a.known_addr;
+            self.events.push_back(DatagramEvent::Reassociated { peer });
+        }
+    }
+
+    fn on_freezing(&mut self, now: Instant, assoc: u64, epoch: u64, mac: [u8; MAC_LEN]) {
+        let Some(a) = self.assocs.get_mut(&assoc) else {
+            self.stats.refused += 1;
+            return;
+        };
+        let mut body = Vec::with_capacity(16);
+        body.put_u64(assoc);
+        body.put_u64(epoch);
+        if epoch != a.peer_epoch || !crypto::verify(&a.key, LABEL_FREEZING, &[&body], &mac) {
+            self.stats.refused += 1;
+            return;
+        }
+        a.migrating_since.get_or_insert(now);
+    }
+
+    fn send_reassoc(&mut self, now: Instant, id: u64, resend: bool) {
+        let mut nonce = [0u8; 16];
+        self.rng.fill_bytes(&mut nonce);
+        let Some(a) = self.assocs.get_mut(&id) else {
+            return;
+        };
+        let mut p = Packet::Reassoc {
+            assoc: id,
+            epoch: self.epoch,
+            addr: self.local,
+            nonce,
+            mac: [0; 32],
+        };
+        let signed = p.signed();
+        if let Packet::Reassoc { mac, .. } = &mut p {
+            *mac = crypto::mac(&a.key, LABEL_REASSOC, &[&signed]);
+        }
+        // Sent to where the peer is now; it may itself be elsewhere than the application knows.
+        self.transmits.push_back((a.addr, p.encode()));
+        self.stats.reassoc_sent += 1;
+        match &mut a.reassoc {
+            Some(r) if resend => {
+                r.next_at = now + r.delay;
+                r.last_sent = now;
+            }
+            Some(_) => {}
+            None => a.reassoc = Some(Retry::new(now, self.config.retry_initial)),
+        }
+    }
+
+    /// Timers: resends of `Hello` and `Reassoc` with backoff, giving up after `max_tries`;
+    /// hold timeouts of peers that never came back.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.frozen {
+            return;
+        }
+        let (max_tries, max_delay) = (self.config.max_tries, self.config.retry_max);
+        let mut dead = Vec::new();
+        for (dest, h) in self.handshakes.iter_mut() {
+            if h.retry.next_at <= now {
+                if h.retry.tries >= max_tries {
+                    dead.push(*dest);
+                } else {
+                    h.retry.bump(now, max_delay);
+                    self.transmits.push_back((*dest, h.hello.clone()));
+                }
+            }
+        }
+        for dest in dead {
+            if let Some(h) = self.handshakes.remove(&dest) {
+                self.stats.dropped_unreachable += h.queued.len() as u64;
+            }
+            self.events
+                .push_back(DatagramEvent::PeerUnreachable { peer: dest });
+        }
+        let ids: Vec<u64> = self
+            .assocs
+            .values()
+            .filter(|a| a.reassoc.as_ref().is_some_and(|r| r.next_at <= now))
+            .map(|a| a.id)
+            .collect();
+        for id in ids {
+            let a = self.assocs.get_mut(&id).expect("id from the table");
+            let r = a.reassoc.as_mut().expect("filtered on Some");
+            if r.tries >= max_tries {
+                a.reassoc = None;
+                let peer = a.known_addr;
+                self.events
+                    .push_back(DatagramEvent::PeerUnreachable { peer });
+            } else {
+                r.bump(now, max_delay);
+                self.send_reassoc(now, id, true);
+                // send_reassoc reset next_at from the bumped delay; keep the bumped tries.
+            }
+        }
+        let hold = self.config.hold_timeout;
+        for a in self.assocs.values_mut() {
+            if a.migrating_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= hold)
+            {
+                a.migrating_since = None;
+                self.stats.dropped_unreachable += a.held.len() as u64;
+                a.held.clear();
+                self.events
+                    .push_back(DatagramEvent::PeerUnreachable { peer: a.known_addr });
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------- poll_*
+
+    /// The next datagram to send: destination and UDP payload.
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Bytes)> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<DatagramEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`DatagramSocket::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.frozen {
+            return None;
+        }
+        let hs = self.handshakes.values().map(|h| h.retry.next_at);
+        let ra = self
+            .assocs
+            .values()
+            .filter_map(|a| a.reassoc.as_ref().map(|r| r.next_at));
+        let hold = self
+            .assocs
+            .values()
+            .filter_map(|a| a.migrating_since.map(|t| t + self.config.hold_timeout));
+        hs.chain(ra).chain(hold).min()
+    }
+}
+
+/// First bytes of every datagram-socket image.
+pub const DATAGRAM_IMAGE_MAGIC: [u8; 8] = *b"ROAMDGI\0";
+
+impl DatagramImage {
+    /// Encode for transport or storage (same envelope as stream images, PROTOCOL.md §7).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(128 + 128 * self.assocs.len());
+        b.put_slice(&self.id.0);
+        b.put_u64(self.epoch);
+        b.put_socket_addr(self.origin);
+        b.put_u32(self.assocs.len() as u32);
+        for a in &self.assocs {
+            b.put_u64(a.id);
+            b.put_slice(&a.peer.0);
+            b.put_slice(&a.key.0);
+            b.put_socket_addr(a.known_addr);
+            b.put_socket_addr(a.addr);
+            b.put_u64(a.peer_epoch);
+            put_datagrams(&mut b, &a.held);
+        }
+        b.put_u32(self.pending.len() as u32);
+        for (dest, q) in &self.pending {
+            b.put_socket_addr(*dest);
+            put_datagrams(&mut b, q);
+        }
+        b.put_u32(self.inbox.len() as u32);
+        for (from, d) in &self.inbox {
+            b.put_socket_addr(*from);
+            b.put_var_bytes(d);
+        }
+        for v in stats_fields(&self.stats) {
+            b.put_u64(v);
+        }
+        crate::image::seal(&DATAGRAM_IMAGE_MAGIC, &b)
+    }
+
+    /// Decode and verify an image made by [`DatagramImage::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<DatagramImage, crate::ImageError> {
+        use crate::ImageError;
+        let mut r = Reader::new(crate::image::open(&DATAGRAM_IMAGE_MAGIC, bytes)?);
+        let id = SocketId(r.array("socket id")?);
+        let epoch = r.u64("epoch")?;
+        let origin = r.socket_addr("origin")?;
+        let n = r.u32("peer count")?;
+        let mut assocs = Vec::new();
+        for _ in 0..n {
+            assocs.push(AssocImage {
+                id: r.u64("association id")?,
+                peer: SocketId(r.array("peer socket id")?),
+                key: SessionKey(r.array("key")?),
+                known_addr: r.socket_addr("known address")?,
+                addr: r.socket_addr("address")?,
+                peer_epoch: r.u64("peer epoch")?,
+                held: get_datagrams(&mut r)?,
+            });
+        }
+        let n = r.u32("pending count")?;
+        let mut pending = Vec::new();
+        for _ in 0..n {
+            pending.push((r.socket_addr("destination")?, get_datagrams(&mut r)?));
+        }
+        let n = r.u32("inbox count")?;
+        let mut inbox = Vec::new();
+        for _ in 0..n {
+            let from = r.socket_addr("sender")?;
+            inbox.push((from, Bytes::copy_from_slice(r.var_bytes("datagram")?)));
+        }
+        let mut st = [0u64; 11];
+        for v in &mut st {
+            *v = r.u64("stats")?;
+        }
+        r.finish()?;
+        const LIMIT: u64 = 1 << 62;
+        if epoch >= LIMIT
+            || st.iter().any(|&v| v >= LIMIT)
+            || assocs.iter().any(|a| a.peer_epoch >= LIMIT)
+        {
+            return Err(ImageError::Inconsistent("counters out of range"));
+        }
+        let too_big = |d: &Bytes| d.len() > MAX_UDP_PAYLOAD - DATA_OVERHEAD;
+        if assocs.iter().any(|a| a.held.iter().any(too_big))
+            || pending.iter().any(|(_, q)| q.iter().any(too_big))
+            || inbox.iter().any(|(_, d)| too_big(d))
+        {
+            return Err(ImageError::Inconsistent("datagram larger than UDP allows"));
+        }
+        let mut ids: Vec<u64> = assocs.iter().map(|a| a.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != assocs.len() {
+            return Err(ImageError::Inconsistent("duplicate association"));
+        }
+        Ok(DatagramImage {
+            id,
+            epoch,
+            origin,
+            assocs,
+            pending,
+            inbox,
+            stats: DatagramStats {
+                sent: st[0],
+                received: st[1],
+                dropped_hold: st[2],
+                dropped_recv: st[3],
+                dropped_unreachable: st[4],
+                held_and_sent: st[5],
+                reassoc_sent: st[6],
+                reassoc_resent_on_data: st[7],
+                reassoc_accepted: st[8],
+                refused: st[9],
+                migrations: st[10],
+            },
+        })
+    }
+}
+
+fn stats_fields(s: &DatagramStats) -> [u64; 11] {
+    [
+        s.sent,
+        s.received,
+        s.dropped_hold,
+        s.dropped_recv,
+        s.dropped_unreachable,
+        s.held_and_sent,
+        s.reassoc_sent,
+        s.reassoc_resent_on_data,
+        s.reassoc_accepted,
+        s.refused,
+        s.migrations,
+    ]
+}
+
+fn put_datagrams(b: &mut Vec<u8>, ds: &[Bytes]) {
+    b.put_u32(ds.len() as u32);
+    for d in ds {
+        b.put_var_bytes(d);
+    }
+}
+
+fn get_datagrams(r: &mut Reader<'_>) -> Result<Vec<Bytes>, DecodeError> {
+    let n = r.u32("datagram count")?;
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(Bytes::copy_from_slice(r.var_bytes("datagram")?));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(h: u8, p: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, h], p))
+    }
+
+    /// Deliver everything each socket wants to send to whichever socket is at the address.
+    fn pump(now: Instant, socks: &mut [&mut DatagramSocket]) {
+        for _ in 0..100 {
+            let mut moved = false;
+            for i in 0..socks.len() {
+                while let Some((to, bytes)) = socks[i].poll_transmit() {
+                    moved = true;
+                    let from = socks[i].local_addr();
+                    if let Some(j) = socks.iter().position(|s| s.local_addr() == to) {
+                        socks[j].handle(now, from, bytes);
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("no quiescence");
+    }
+
+    #[test]
+    fn associate_send_migrate_and_translate() {
+        let now = Instant::now();
+        let cfg = DatagramConfig::default();
+        let mut a = DatagramSocket::new(cfg.clone(), addr(2, 1000), [1; 32]);
+        let mut b = DatagramSocket::new(cfg.clone(), addr(3, 1000), [2; 32]);
+        a.send_to(now, b.local_addr(), b"hello").unwrap();
+        pump(now, &mut [&mut a, &mut b]);
+        assert_eq!(
+            b.recv(),
+            Some((addr(2, 1000), Bytes::from_static(b"hello")))
+        );
+        assert_eq!(a.peers().len(), 1);
+        assert_eq!(b.peers().len(), 1);
+
+        b.send_to(now, addr(2, 1000), b"unread").unwrap();
+        pump(now, &mut [&mut a, &mut b]);
+        a.freeze(now).unwrap();
+        pump(now, &mut [&mut a, &mut b]);
+        assert!(b.peers()[0].migrating);
+        // Held for the migrating peer, not sent into the void.
+        b.send_to(now, addr(2, 1000), b"held").unwrap();
+        assert_eq!(b.poll_transmit(), None);
+
+        let image = DatagramImage::from_bytes(&a.image().unwrap().to_bytes()).unwrap();
+        assert_eq!(image.buffered_datagrams(), 1);
+        let mut a2 = DatagramSocket::from_image(image, addr(4, 2000), cfg, [3; 32], now);
+        pump(now, &mut [&mut a2, &mut b]);
+        // Buffered input first, then what was held.
+        assert_eq!(a2.recv().unwrap().1, Bytes::from_static(b"unread"));
+        assert_eq!(a2.recv().unwrap().1, Bytes::from_static(b"held"));
+        let p = &b.peers()[0];
+        assert_eq!(
+            (p.known_addr, p.addr, p.peer_epoch),
+            (addr(2, 1000), addr(4, 2000), 1)
+        );
+        assert!(!a2.peers()[0].reassociating);
+        // The application keeps using the old address; the sender keeps its old name.
+        b.send_to(now, addr(2, 1000), b"translated").unwrap();
+        a2.send_to(now, addr(3, 1000), b"reply").unwrap();
+        pump(now, &mut [&mut a2, &mut b]);
+        assert_eq!(a2.recv().unwrap().1, Bytes::from_static(b"translated"));
+        assert_eq!(
+            b.recv(),
+            Some((addr(2, 1000), Bytes::from_static(b"reply")))
+        );
+    }
+
+    #[test]
+    fn oversized_datagrams_are_an_error() {
+        let now = Instant::now();
+        let mut cfg = DatagramConfig::default();
+        cfg.max_payload = 1200;
+        let mut a = DatagramSocket::new(cfg, addr(2, 1), [1; 32]);
+        assert_eq!(
+            a.send_to(now, addr(3, 1), &[0; 1201]),
+            Err(DatagramError::TooLarge {
+                len: 1201,
+                max: 1200
+            })
+        );
+        assert!(a.send_to(now, addr(3, 1), &[0; 1200]).is_ok());
+    }
+
+    #[test]
+    fn packets_round_trip_and_garbage_is_an_error() {
+        let ps = [
+            Packet::Hello {
+                socket: SocketId([1; 16]),
+                eph: [2; 32],
+                nonce: [3; 16],
+            },
+            Packet::Welcome {
+                socket: SocketId([1; 16]),
+                to: SocketId([4; 16]),
+                eph: [2; 32],
+                nonce: [3; 16],
+                mac: [5; 32],
+            },
+            Packet::Data {
+                assoc: 7,
+                payload: Bytes::from_static(b"x"),
+            },
+            Packet::Reassoc {
+                assoc: 7,
+                epoch: 2,
+                addr: addr(9, 9),
+                nonce: [1; 16],
+                mac: [2; 32],
+            },
+            Packet::ReassocAck {
+                assoc: 7,
+                epoch: 2,
+                mac: [3; 32],
+            },
+            Packet::Freezing {
+                assoc: 7,
+                epoch: 2,
+                mac: [3; 32],
+            },
+        ];
+        for p in ps {
+            let b = p.encode();
+            assert_eq!(Packet::decode(b.clone()).unwrap(), p);
+            for n in 0..b.len() {
+                if !matches!(p, Packet::Data { .. }) || n < DATA_OVERHEAD {
+                    assert!(Packet::decode(b.slice(..n)).is_err());
+                }
+            }
+        }
+        assert!(Packet::decode(Bytes::from_static(b"GET / HTTP/1.1")).is_err());
+    }
+}
