@@ -31,6 +31,7 @@ pub mod dkind {
     pub const REASSOC: u8 = 0x43;
     pub const REASSOC_ACK: u8 = 0x44;
     pub const FREEZING: u8 = 0x45;
+    pub const FREEZING_ACK: u8 = 0x46;
 }
 
 /// Bytes a `Data` packet adds to the application's payload (type and association id).
@@ -42,6 +43,7 @@ const LABEL_WELCOME: &[u8] = b"roam/v1/dgram-welcome";
 const LABEL_REASSOC: &[u8] = b"roam/v1/dgram-reassoc";
 const LABEL_ACK: &[u8] = b"roam/v1/dgram-ack";
 const LABEL_FREEZING: &[u8] = b"roam/v1/dgram-freezing";
+const LABEL_FREEZING_ACK: &[u8] = b"roam/v1/dgram-freezing-ack";
 
 /// One datagram-socket packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,11 +100,22 @@ pub enum Packet {
         /// HMAC under the association key.
         mac: [u8; MAC_LEN],
     },
-    /// The sender is freezing: hold datagrams for it until it re-associates.
+    /// The sender is freezing: hold datagrams for it until it re-associates (claim 16's
+    /// close message, for datagrams).
     Freezing {
         /// The association.
         assoc: u64,
         /// The sender's current epoch.
+        epoch: u64,
+        /// HMAC under the association key.
+        mac: [u8; MAC_LEN],
+    },
+    /// Answer to `Freezing`: every datagram the peer sent before this one is ahead of it, and
+    /// it holds everything after.
+    FreezingAck {
+        /// The association.
+        assoc: u64,
+        /// The freezing side's epoch, echoed.
         epoch: u64,
         /// HMAC under the association key.
         mac: [u8; MAC_LEN],
@@ -146,6 +159,12 @@ impl Packet {
             }
             Packet::Freezing { assoc, epoch, mac } => {
                 b.put_u8(dkind::FREEZING);
+                b.put_u64(*assoc);
+                b.put_u64(*epoch);
+                b.put_slice(mac);
+            }
+            Packet::FreezingAck { assoc, epoch, mac } => {
+                b.put_u8(dkind::FREEZING_ACK);
                 b.put_u64(*assoc);
                 b.put_u64(*epoch);
                 b.put_slice(mac);
@@ -247,6 +266,11 @@ impl Packet {
                 epoch: r.u64("epoch")?,
                 mac: r.array("mac")?,
             },
+            dkind::FREEZING_ACK => Packet::FreezingAck {
+                assoc: r.u64("association id")?,
+                epoch: r.u64("epoch")?,
+                mac: r.array("mac")?,
+            },
             other => return Err(FrameError::UnknownType(other)),
         };
         r.finish()?;
@@ -279,6 +303,9 @@ pub struct DatagramConfig {
     /// Longest a peer that announced a freeze is waited for before held datagrams are dropped.
     /// Default 30 s.
     pub hold_timeout: Duration,
+    /// Longest a freeze waits for every peer's `FreezingAck` (draining what is in flight into
+    /// the image) before it completes anyway. Default 250 ms.
+    pub freeze_timeout: Duration,
 }
 
 impl Default for DatagramConfig {
@@ -292,6 +319,7 @@ impl Default for DatagramConfig {
             retry_max: Duration::from_secs(1),
             max_tries: 8,
             hold_timeout: Duration::from_secs(30),
+            freeze_timeout: Duration::from_millis(250),
         }
     }
 }
@@ -348,6 +376,8 @@ pub enum DatagramEvent {
         /// The address the application knows the peer by.
         peer: SocketAddr,
     },
+    /// The freeze completed: [`DatagramSocket::image`] is ready.
+    Frozen,
 }
 
 /// Counters of a datagram socket (they migrate with it).
@@ -520,6 +550,8 @@ pub struct DatagramSocket {
     inbox: VecDeque<(SocketAddr, Bytes)>,
     transmits: VecDeque<(SocketAddr, Bytes)>,
     events: VecDeque<DatagramEvent>,
+    /// Freezing: associations whose `FreezingAck` is awaited, and the deadline.
+    freezing: Option<(Vec<u64>, Instant)>,
     frozen: bool,
     wake_recv: bool,
     stats: DatagramStats,
@@ -554,6 +586,7 @@ impl DatagramSocket {
             inbox: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            freezing: None,
             frozen: false,
             wake_recv: false,
             stats: DatagramStats::default(),
@@ -669,7 +702,7 @@ impl DatagramSocket {
         dest: SocketAddr,
         payload: &[u8],
     ) -> Result<(), DatagramError> {
-        if self.frozen {
+        if self.frozen || self.freezing.is_some() {
             return Err(DatagramError::Frozen);
         }
         let max = self.config.max_payload.min(MAX_UDP_PAYLOAD - DATA_OVERHEAD);
@@ -743,14 +776,17 @@ impl DatagramSocket {
         self.inbox.front().map(|(a, b)| (*a, b.len()))
     }
 
-    /// Planned migration: tell every peer to hold its datagrams for us (the `Freezing`
-    /// packets are queued for the driver to send), and stop. [`DatagramSocket::image`] follows.
-    pub fn freeze(&mut self, _now: Instant) -> Result<(), DatagramError> {
-        if self.frozen {
+    /// Planned migration (PROTOCOL.md §10.4): tell every peer to hold its datagrams for us
+    /// (`Freezing`, queued for the driver), keep receiving until each answered `FreezingAck`
+    /// (what they sent before is then in our receive queue, the synchronization buffer) or
+    /// `freeze_timeout` passed, then stop: [`DatagramEvent::Frozen`] and
+    /// [`DatagramSocket::image`] follow.
+    pub fn freeze(&mut self, now: Instant) -> Result<(), DatagramError> {
+        if self.frozen || self.freezing.is_some() {
             return Err(DatagramError::Frozen);
         }
-        self.frozen = true;
         let mut out = Vec::new();
+        let mut waiting = Vec::new();
         for a in self.assocs.values() {
             let mut body = Vec::with_capacity(16);
             body.put_u64(a.id);
@@ -765,9 +801,24 @@ impl DatagramSocket {
                 }
                 .encode(),
             ));
+            waiting.push(a.id);
         }
         self.transmits.extend(out);
+        self.freezing = Some((waiting, now + self.config.freeze_timeout));
+        self.check_frozen();
         Ok(())
+    }
+
+    fn check_frozen(&mut self) {
+        if self.freezing.as_ref().is_some_and(|(w, _)| w.is_empty()) {
+            self.finish_freeze();
+        }
+    }
+
+    fn finish_freeze(&mut self) {
+        self.freezing = None;
+        self.frozen = true;
+        self.events.push_back(DatagramEvent::Frozen);
     }
 
     /// The image of a frozen socket: association table, keys, epochs, datagrams waiting.
@@ -825,10 +876,15 @@ impl DatagramSocket {
             p @ Packet::Reassoc { .. } => self.on_reassoc(p),
             Packet::ReassocAck { assoc, epoch, mac } => self.on_reassoc_ack(assoc, epoch, mac),
             Packet::Freezing { assoc, epoch, mac } => self.on_freezing(now, assoc, epoch, mac),
+            Packet::FreezingAck { assoc, epoch, mac } => self.on_freezing_ack(assoc, epoch, mac),
         }
     }
 
     fn on_hello(&mut self, from: SocketAddr, socket: SocketId, eph: [u8; 32], nonce: [u8; 16]) {
+        if self.freezing.is_some() {
+            // Not while moving: the peer resends its Hello and reaches us after the thaw.
+            return;
+        }
         if socket == self.id {
             self.stats.refused += 1;
             return;
@@ -1098,6 +1154,32 @@ impl DatagramSocket {
             return;
         }
         a.migrating_since.get_or_insert(now);
+        // Everything we sent it before this answer is ahead of it on the path.
+        let ack = Packet::FreezingAck {
+            assoc,
+            epoch,
+            mac: crypto::mac(&a.key, LABEL_FREEZING_ACK, &[&body]),
+        }
+        .encode();
+        self.transmits.push_back((a.addr, ack));
+    }
+
+    fn on_freezing_ack(&mut self, assoc: u64, epoch: u64, mac: [u8; MAC_LEN]) {
+        let Some(a) = self.assocs.get(&assoc) else {
+            self.stats.refused += 1;
+            return;
+        };
+        let mut body = Vec::with_capacity(16);
+        body.put_u64(assoc);
+        body.put_u64(epoch);
+        if epoch != self.epoch || !crypto::verify(&a.key, LABEL_FREEZING_ACK, &[&body], &mac) {
+            self.stats.refused += 1;
+            return;
+        }
+        if let Some((waiting, _)) = self.freezing.as_mut() {
+            waiting.retain(|id| *id != assoc);
+        }
+        self.check_frozen();
     }
 
     fn send_reassoc(&mut self, now: Instant, id: u64, resend: bool) {
@@ -1134,6 +1216,13 @@ impl DatagramSocket {
     /// hold timeouts of peers that never came back.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.frozen {
+            return;
+        }
+        if let Some((_, t)) = self.freezing {
+            if t <= now {
+                self.finish_freeze();
+            }
+            // Nothing else runs while moving; retries resume after the thaw.
             return;
         }
         let (max_tries, max_delay) = (self.config.max_tries, self.config.retry_max);
@@ -1205,6 +1294,9 @@ impl DatagramSocket {
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.frozen {
             return None;
+        }
+        if let Some((_, t)) = self.freezing {
+            return Some(t);
         }
         let hs = self.handshakes.values().map(|h| h.retry.next_at);
         let ra = self
@@ -1413,7 +1505,16 @@ mod tests {
         b.send_to(now, addr(2, 1000), b"unread").unwrap();
         pump(now, &mut [&mut a, &mut b]);
         a.freeze(now).unwrap();
+        assert!(!a.is_frozen(), "waits for the peer's FreezingAck");
         pump(now, &mut [&mut a, &mut b]);
+        assert!(a.is_frozen());
+        assert_eq!(
+            a.poll_event(),
+            Some(DatagramEvent::Associated {
+                peer: addr(3, 1000)
+            })
+        );
+        assert_eq!(a.poll_event(), Some(DatagramEvent::Frozen));
         assert!(b.peers()[0].migrating);
         // Held for the migrating peer, not sent into the void.
         b.send_to(now, addr(2, 1000), b"held").unwrap();
@@ -1494,6 +1595,11 @@ mod tests {
                 assoc: 7,
                 epoch: 2,
                 mac: [3; 32],
+            },
+            Packet::FreezingAck {
+                assoc: 7,
+                epoch: 2,
+                mac: [4; 32],
             },
         ];
         for p in ps {

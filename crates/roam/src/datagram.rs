@@ -28,6 +28,8 @@ struct State {
 
 struct Inner {
     state: Mutex<State>,
+    /// Signalled when the core finished freezing.
+    frozen: Notify,
     socket: Arc<UdpSocket>,
     /// Wakes the driver when the application queued something for it.
     kick: Notify,
@@ -45,6 +47,10 @@ impl Inner {
     fn drain_events(&self, st: &mut State) {
         while let Some(ev) = st.core.poll_event() {
             tracing::debug!(?ev, "datagram event");
+            if ev == DatagramEvent::Frozen {
+                self.frozen.notify_one();
+                continue;
+            }
             let _ = self.events_tx.try_send(ev);
         }
         if st.core.take_wake_recv() {
@@ -145,6 +151,7 @@ impl Datagram {
                 recv_waker: None,
             }),
             socket: Arc::new(socket),
+            frozen: Notify::new(),
             kick: Notify::new(),
             events_tx,
             events_rx: tokio::sync::Mutex::new(events_rx),
@@ -228,9 +235,14 @@ impl Datagram {
         self.inner.events_rx.lock().await.recv().await
     }
 
-    /// Planned migration: tell every peer to hold datagrams for this socket, stop, and return
-    /// the image (association table, keys, epochs, datagrams received but not read).
+    /// Planned migration: tell every peer to hold datagrams for this socket, drain what they
+    /// sent before into the receive queue (until each acknowledged, or the freeze timeout),
+    /// stop, and return the image (association table, keys, epochs, datagrams not yet read).
     pub async fn freeze(self) -> Result<DatagramImage, DatagramError> {
+        let frozen = self.inner.frozen.notified();
+        tokio::pin!(frozen);
+        // Register before the core can finish, so the signal cannot be missed.
+        frozen.as_mut().enable();
         let out = {
             let mut st = self.inner.lock();
             st.core.freeze(Instant::now())?;
@@ -238,13 +250,19 @@ impl Datagram {
             while let Some(t) = st.core.poll_transmit() {
                 v.push(t);
             }
+            self.inner.drain_events(&mut st);
             v
         };
         // Best effort: a peer that misses it only loses what it sends during the move.
         self.inner.send_all(out).await;
+        // The driver keeps receiving until the core is frozen (it has a deadline).
+        self.inner.kick.notify_one();
+        if !self.inner.lock().core.is_frozen() {
+            frozen.await;
+        }
         self.stop();
         let st = self.inner.lock();
-        // Frozen just above, so the image exists.
+        // The freeze completed, so the image exists.
         Ok(st.core.image().expect("frozen"))
     }
 
