@@ -18,7 +18,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(frame_decode image_decode session_ops)
+    targets=(frame_decode image_decode session_ops packet_decode datagram_image_decode)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -1092,6 +1092,12 @@ impl DatagramSocket {
             mac: crypto::mac(&a.key, LABEL_ACK, &[&ack_body]),
         }
         .encode();
+        if !moved {
+            // A resend, duplicate or replay of the current request: acknowledged again, nothing
+            // more. A hold stays: a `Freezing` at this epoch can only have come after it.
+            self.transmits.push_back((*addr, ack));
+            return;
+        }
         // Send what was held for the peer while it migrated (in order, before anything new).
         let held: Vec<Bytes> = a.held.drain(..).collect();
         a.migrating_since = None;
@@ -1547,8 +1553,10 @@ mod tests {
     #[test]
     fn oversized_datagrams_are_an_error() {
         let now = Instant::now();
-        let mut cfg = DatagramConfig::default();
-        cfg.max_payload = 1200;
+        let cfg = DatagramConfig {
+            max_payload: 1200,
+            ..DatagramConfig::default()
+        };
         let mut a = DatagramSocket::new(cfg, addr(2, 1), [1; 32]);
         assert_eq!(
             a.send_to(now, addr(3, 1), &[0; 1201]),

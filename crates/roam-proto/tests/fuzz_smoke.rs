@@ -8,6 +8,8 @@
 
 #[path = "../../../fuzz/src/checks.rs"]
 mod checks;
+#[path = "../../../fuzz/src/datagram_checks.rs"]
+mod datagram_checks;
 #[path = "../../../fuzz/src/session_driver.rs"]
 mod session_driver;
 
@@ -16,11 +18,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use proptest::prelude::*;
+use roam_proto::datagram::{dkind, Packet};
 use roam_proto::frame::{Accept, Confirm, Hello, Reassoc, Welcome};
 use roam_proto::{
     Associating, ConnId, EndpointId, Entropy, Epoch, Frame, LocalInfo, Offset, RefuseReason,
     Session, SessionConfig, SessionId, StreamImage,
 };
+use roam_proto::{DatagramConfig, DatagramImage, DatagramSocket, SocketId};
 use session_driver::{decode_ops, encode_ops, Harness, Op};
 
 // ------------------------------------------------------------------------------ generators
@@ -640,4 +644,348 @@ fn reassociation_below_the_acknowledged_offset_is_refused_not_looped() {
         .handle_accept(now, ConnId(2), Frame::Refuse(RefuseReason::Protocol))
         .is_err());
     assert!(d.failure().is_some());
+}
+
+// ------------------------------------------------------- datagram sockets: packets and images
+//
+// The stable equivalents of the `packet_decode` and `datagram_image_decode` fuzz targets; the
+// properties are `fuzz/src/datagram_checks.rs`.
+
+/// Any valid datagram-socket packet.
+fn packet() -> impl Strategy<Value = Packet> {
+    prop_oneof![
+        (any::<[u8; 16]>(), any::<[u8; 32]>(), any::<[u8; 16]>()).prop_map(|(s, eph, nonce)| {
+            Packet::Hello {
+                socket: SocketId(s),
+                eph,
+                nonce,
+            }
+        }),
+        (
+            any::<[u8; 16]>(),
+            any::<[u8; 16]>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 16]>(),
+            any::<[u8; 32]>()
+        )
+            .prop_map(|(s, to, eph, nonce, mac)| Packet::Welcome {
+                socket: SocketId(s),
+                to: SocketId(to),
+                eph,
+                nonce,
+                mac
+            }),
+        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(assoc, p)| {
+            Packet::Data {
+                assoc,
+                payload: Bytes::from(p),
+            }
+        }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            addr(),
+            any::<[u8; 16]>(),
+            any::<[u8; 32]>()
+        )
+            .prop_map(|(assoc, epoch, addr, nonce, mac)| Packet::Reassoc {
+                assoc,
+                epoch,
+                addr,
+                nonce,
+                mac
+            }),
+        (any::<u64>(), any::<u64>(), any::<[u8; 32]>())
+            .prop_map(|(assoc, epoch, mac)| Packet::ReassocAck { assoc, epoch, mac }),
+        (any::<u64>(), any::<u64>(), any::<[u8; 32]>())
+            .prop_map(|(assoc, epoch, mac)| Packet::Freezing { assoc, epoch, mac }),
+        (any::<u64>(), any::<u64>(), any::<[u8; 32]>())
+            .prop_map(|(assoc, epoch, mac)| Packet::FreezingAck { assoc, epoch, mac }),
+    ]
+}
+
+/// Deliver everything the sockets want to send to whichever socket is bound at the address.
+fn pump_datagrams(now: Instant, socks: &mut [&mut DatagramSocket]) {
+    for _ in 0..100 {
+        let mut moved = false;
+        for i in 0..socks.len() {
+            while let Some((to, bytes)) = socks[i].poll_transmit() {
+                moved = true;
+                let from = socks[i].local_addr();
+                if let Some(j) = socks.iter().position(|s| s.local_addr() == to) {
+                    socks[j].handle(now, from, bytes);
+                }
+            }
+        }
+        if !moved {
+            return;
+        }
+    }
+    panic!("no quiescence");
+}
+
+/// A genuine datagram image of a socket with two peers: `unread` datagrams from one of them in
+/// its receive queue, `held` datagrams it holds for the other (which is frozen), and, with
+/// `pending`, a datagram waiting for a first contact that never completes.
+fn genuine_datagram_image(
+    seed: u8,
+    unread: &[Vec<u8>],
+    held: &[Vec<u8>],
+    pending: bool,
+) -> Vec<u8> {
+    let now = Instant::now();
+    let cfg = DatagramConfig::default();
+    let at = |h: u8| SocketAddr::from(([127, 0, 0, h], 4000));
+    let mut a = DatagramSocket::new(cfg.clone(), at(2), [seed; 32]);
+    let mut b = DatagramSocket::new(cfg.clone(), at(3), [seed.wrapping_add(1); 32]);
+    let mut c = DatagramSocket::new(cfg.clone(), at(4), [seed.wrapping_add(2); 32]);
+    b.send_to(now, at(2), b"from b").unwrap();
+    c.send_to(now, at(2), b"from c").unwrap();
+    pump_datagrams(now, &mut [&mut a, &mut b, &mut c]);
+    for d in unread {
+        b.send_to(now, at(2), d).unwrap();
+    }
+    pump_datagrams(now, &mut [&mut a, &mut b, &mut c]);
+    c.freeze(now).unwrap();
+    pump_datagrams(now, &mut [&mut a, &mut b, &mut c]);
+    assert!(c.is_frozen());
+    for d in held {
+        a.send_to(now, at(4), d).unwrap();
+    }
+    if pending {
+        a.send_to(now, at(9), b"to nobody").unwrap();
+    }
+    a.freeze(now).unwrap();
+    pump_datagrams(now, &mut [&mut a, &mut b, &mut c]);
+    // The frozen peer never acknowledges: the freeze completes at its timeout.
+    a.handle_timeout(now + cfg.freeze_timeout);
+    assert!(a.is_frozen());
+    a.image().expect("frozen").to_bytes()
+}
+
+fn datagrams() -> impl Strategy<Value = Vec<Vec<u8>>> {
+    proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..4)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+    #[test]
+    fn random_bytes_never_panic_the_packet_decoder(
+        mut data in proptest::collection::vec(any::<u8>(), 0..200),
+        ty in dkind::HELLO..=dkind::FREEZING_ACK,
+        typed: bool,
+    ) {
+        if typed && !data.is_empty() {
+            data[0] = ty;
+        }
+        datagram_checks::check_packet(&data);
+    }
+
+    #[test]
+    fn valid_packets_round_trip_and_mutations_are_errors_or_packets(
+        p in packet(),
+        ms in proptest::collection::vec(mutation(), 0..4),
+    ) {
+        let b = p.encode();
+        prop_assert!(datagram_checks::check_packet(&b));
+        prop_assert_eq!(Packet::decode(b.clone()).ok(), Some(p));
+        datagram_checks::check_packet(&mutate(b.to_vec(), &ms));
+    }
+
+    #[test]
+    fn random_bytes_are_never_a_datagram_image(
+        data in proptest::collection::vec(any::<u8>(), 0..512),
+        sealed: bool,
+    ) {
+        if sealed {
+            datagram_checks::check_datagram_image(&datagram_checks::seal_datagram_image(&data));
+        } else {
+            prop_assert!(!datagram_checks::check_datagram_image(&data));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn mutated_datagram_images_are_typed_errors_or_round_trip(
+        unread in datagrams(),
+        held in datagrams(),
+        seed: u8,
+        pending: bool,
+        ms in proptest::collection::vec(mutation(), 1..4),
+        reseal: bool,
+    ) {
+        let image = genuine_datagram_image(seed, &unread, &held, pending);
+        prop_assert!(datagram_checks::check_datagram_image(&image));
+        let decoded = DatagramImage::from_bytes(&image).unwrap();
+        // The first contacts' datagrams are unread too.
+        prop_assert_eq!(decoded.buffered_datagrams(), unread.len() + 2);
+        prop_assert_eq!(decoded.peer_count(), 2);
+        let mut bad = mutate(image.clone(), &ms);
+        if reseal {
+            // Recompute the digest and length, as a forger would.
+            if let Some(body) = datagram_checks::datagram_image_body(&bad) {
+                bad = datagram_checks::seal_datagram_image(body);
+            }
+        }
+        let ok = datagram_checks::check_datagram_image(&bad);
+        if !reseal && bad != image {
+            // Without a new digest, any change is caught.
+            prop_assert!(!ok);
+        }
+    }
+}
+
+/// Writes the seed corpora of `packet_decode` and `datagram_image_decode` (only with
+/// `ROAM_WRITE_CORPUS=1`).
+#[test]
+fn write_datagram_seed_corpus() {
+    if std::env::var_os("ROAM_WRITE_CORPUS").is_none() {
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
+    let write = |target: &str, name: &str, bytes: &[u8]| {
+        let dir = root.join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), bytes).unwrap();
+    };
+    let packets = [
+        (
+            "hello",
+            Packet::Hello {
+                socket: SocketId([1; 16]),
+                eph: [2; 32],
+                nonce: [3; 16],
+            },
+        ),
+        (
+            "welcome",
+            Packet::Welcome {
+                socket: SocketId([4; 16]),
+                to: SocketId([1; 16]),
+                eph: [5; 32],
+                nonce: [6; 16],
+                mac: [7; 32],
+            },
+        ),
+        (
+            "data",
+            Packet::Data {
+                assoc: 0x0102_0304_0506_0708,
+                payload: Bytes::from_static(b"hello"),
+            },
+        ),
+        (
+            "data-empty",
+            Packet::Data {
+                assoc: 9,
+                payload: Bytes::new(),
+            },
+        ),
+        (
+            "reassoc-v4",
+            Packet::Reassoc {
+                assoc: 9,
+                epoch: 1,
+                addr: "127.0.0.3:4000".parse().unwrap(),
+                nonce: [8; 16],
+                mac: [9; 32],
+            },
+        ),
+        (
+            "reassoc-v6",
+            Packet::Reassoc {
+                assoc: 9,
+                epoch: 2,
+                addr: "[::1]:4001".parse().unwrap(),
+                nonce: [10; 16],
+                mac: [11; 32],
+            },
+        ),
+        (
+            "reassoc-ack",
+            Packet::ReassocAck {
+                assoc: 9,
+                epoch: 2,
+                mac: [12; 32],
+            },
+        ),
+        (
+            "freezing",
+            Packet::Freezing {
+                assoc: 9,
+                epoch: 2,
+                mac: [13; 32],
+            },
+        ),
+        (
+            "freezing-ack",
+            Packet::FreezingAck {
+                assoc: 9,
+                epoch: 2,
+                mac: [14; 32],
+            },
+        ),
+    ];
+    for (name, p) in &packets {
+        write("packet_decode", name, &p.encode());
+    }
+
+    let images = [
+        ("dgimage-plain", genuine_datagram_image(1, &[], &[], false)),
+        (
+            "dgimage-full",
+            genuine_datagram_image(
+                2,
+                &[b"unread one".to_vec(), vec![0xab; 700]],
+                &[b"held".to_vec(), Vec::new()],
+                true,
+            ),
+        ),
+    ];
+    for (name, img) in &images {
+        write("datagram_image_decode", name, img);
+        // The sealed mode: an odd first byte, then the image body.
+        let mut sealed = vec![1u8];
+        sealed.extend_from_slice(datagram_checks::datagram_image_body(img).unwrap());
+        write("datagram_image_decode", &format!("{name}-sealed"), &sealed);
+    }
+}
+
+/// The seeds of `packet_decode` and `datagram_image_decode` are valid inputs (so the fuzzers
+/// start past the decoders' first checks); regenerate them with `write_datagram_seed_corpus`
+/// when a format changes.
+#[test]
+fn datagram_seed_corpora_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
+    let files = |target: &str| {
+        let mut v: Vec<_> = std::fs::read_dir(root.join(target))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    let packets = files("packet_decode");
+    assert!(packets.len() >= 7);
+    for f in packets {
+        assert!(
+            datagram_checks::check_packet(&std::fs::read(&f).unwrap()),
+            "{f:?}"
+        );
+    }
+    let images = files("datagram_image_decode");
+    assert!(images.len() >= 2);
+    for f in images {
+        let b = std::fs::read(&f).unwrap();
+        let ok = if f.to_string_lossy().ends_with("-sealed") {
+            datagram_checks::check_datagram_image(&datagram_checks::seal_datagram_image(&b[1..]))
+        } else {
+            datagram_checks::check_datagram_image(&b)
+        };
+        assert!(ok, "{f:?}");
+    }
 }

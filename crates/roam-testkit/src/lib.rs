@@ -1,4 +1,4 @@
-//! Test support for roam: a fault-injecting TCP relay.
+//! Test support for roam: fault-injecting TCP and UDP relays.
 //!
 //! [`Relay`] sits between a client and a target address and forwards every
 //! accepted TCP connection to the target, while letting a test inject faults
@@ -7,11 +7,18 @@
 //! and a silent network ([`Relay::set_blackhole`]). The idea follows smoltcp's
 //! `phy/fault_injector.rs`, lifted from packets to TCP connections.
 //!
+//! [`UdpRelay`] is the datagram counterpart, closer still to smoltcp's fault
+//! injector: it relays UDP datagrams between real sockets (one upstream socket
+//! per client) and drops, corrupts, duplicates, reorders and delays them as set
+//! by seeded, reproducible [`Faults`].
+//!
 //! All background tasks are bounded: they end when the relay is shut down or
 //! dropped, so a test never leaks a task that spins forever.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod relay;
+mod udp;
 
 pub use relay::{Relay, RelayStats};
+pub use udp::{Faults, UdpDirectionStats, UdpRelay, UdpRelayStats};

@@ -36,6 +36,9 @@ struct Inner {
     events_tx: mpsc::Sender<DatagramEvent>,
     events_rx: tokio::sync::Mutex<mpsc::Receiver<DatagramEvent>>,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// Held while taking datagrams out of the core and sending them, so they leave in the
+    /// core's order whichever task sends (a `FreezingAck` must not overtake earlier data).
+    send_order: tokio::sync::Mutex<()>,
 }
 
 impl Inner {
@@ -60,21 +63,24 @@ impl Inner {
         }
     }
 
-    fn take_transmits(&self) -> Vec<(SocketAddr, Bytes)> {
-        let mut st = self.lock();
-        let mut v = Vec::new();
-        while let Some(t) = st.core.poll_transmit() {
-            v.push(t);
-        }
-        self.drain_events(&mut st);
-        v
-    }
-
-    /// Send datagrams; a failed send is a lost datagram (datagrams are unreliable), logged.
-    async fn send_all(&self, out: Vec<(SocketAddr, Bytes)>) {
-        for (to, bytes) in out {
-            if let Err(e) = self.socket.send_to(&bytes, to).await {
-                tracing::debug!(%to, error = %e, "datagram send failed");
+    /// Send everything the core has queued, in order; a failed send is a lost datagram
+    /// (datagrams are unreliable), logged.
+    async fn flush(&self) {
+        let _order = self.send_order.lock().await;
+        loop {
+            let out: Vec<(SocketAddr, Bytes)> = {
+                let mut st = self.lock();
+                let v = std::iter::from_fn(|| st.core.poll_transmit()).collect();
+                self.drain_events(&mut st);
+                v
+            };
+            if out.is_empty() {
+                return;
+            }
+            for (to, bytes) in out {
+                if let Err(e) = self.socket.send_to(&bytes, to).await {
+                    tracing::debug!(%to, error = %e, "datagram send failed");
+                }
             }
         }
     }
@@ -156,6 +162,7 @@ impl Datagram {
             events_tx,
             events_rx: tokio::sync::Mutex::new(events_rx),
             task: Mutex::new(None),
+            send_order: tokio::sync::Mutex::new(()),
         });
         let task = tokio::spawn(drive(inner.clone()));
         *inner.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
@@ -185,18 +192,10 @@ impl Datagram {
     /// Send one datagram to the peer the application knows as `dest`. Returns the payload
     /// length. A payload larger than one datagram can carry is an error, never truncated.
     pub async fn send_to(&self, buf: &[u8], dest: SocketAddr) -> Result<usize, DatagramError> {
-        let out = {
-            let mut st = self.inner.lock();
-            st.core.send_to(Instant::now(), dest, buf)?;
-            let mut v = Vec::new();
-            while let Some(t) = st.core.poll_transmit() {
-                v.push(t);
-            }
-            v
-        };
+        self.inner.lock().core.send_to(Instant::now(), dest, buf)?;
         // A first contact also armed a retry timer: let the driver see it.
         self.inner.kick.notify_one();
-        self.inner.send_all(out).await;
+        self.inner.flush().await;
         Ok(buf.len())
     }
 
@@ -243,18 +242,9 @@ impl Datagram {
         tokio::pin!(frozen);
         // Register before the core can finish, so the signal cannot be missed.
         frozen.as_mut().enable();
-        let out = {
-            let mut st = self.inner.lock();
-            st.core.freeze(Instant::now())?;
-            let mut v = Vec::new();
-            while let Some(t) = st.core.poll_transmit() {
-                v.push(t);
-            }
-            self.inner.drain_events(&mut st);
-            v
-        };
+        self.inner.lock().core.freeze(Instant::now())?;
         // Best effort: a peer that misses it only loses what it sends during the move.
-        self.inner.send_all(out).await;
+        self.inner.flush().await;
         // The driver keeps receiving until the core is frozen (it has a deadline).
         self.inner.kick.notify_one();
         if !self.inner.lock().core.is_frozen() {
@@ -297,11 +287,7 @@ async fn drive(inner: Arc<Inner>) {
     let socket = inner.socket.clone();
     let mut buf = vec![0u8; 65_536];
     loop {
-        let out = inner.take_transmits();
-        if !out.is_empty() {
-            inner.send_all(out).await;
-            continue;
-        }
+        inner.flush().await;
         let deadline = inner.lock().core.poll_timeout();
         let sleep = async {
             match deadline {
