@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::DemoArgs;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const CHUNK: usize = 64 * 1024;
 
@@ -86,7 +86,7 @@ impl Timeline {
     }
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
@@ -314,7 +314,16 @@ pub async fn run(args: DemoArgs) -> Result<bool, BoxError> {
             ms(med)
         );
     }
-    let ok = up && down && moved;
+    let stream_ok = up && down && moved;
+    println!();
+    let udp_ok = crate::demo_udp::run(
+        [ha, hb, hc],
+        args.readings,
+        args.migrations.min(2).max(u32::from(args.migrations > 0)),
+        args.collectors as usize,
+    )
+    .await?;
+    let ok = stream_ok && udp_ok;
     println!();
     println!(
         "{}",

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod demo_udp;
 
 /// Connections that survive moving.
 #[derive(Parser, Debug)]
@@ -42,6 +43,12 @@ pub struct DemoArgs {
     /// Seed of the pseudo-random payload.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// UDP part: readings the telemetry reporter sends to each collector.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub readings: u64,
+    /// UDP part: collectors (datagram peers) on host B.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub collectors: u64,
 }
 
 fn loopback(s: &str) -> Result<IpAddr, String> {

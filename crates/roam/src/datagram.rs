@@ -275,10 +275,24 @@ impl Drop for Datagram {
     }
 }
 
+/// Kernel receive buffer asked for (the kernel may grant less): bursts of datagrams from many
+/// peers must not overflow it while the driver task waits for a thread.
+const SOCKET_RECV_BUFFER: usize = 4 << 20;
+
 async fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, BindError> {
-    UdpSocket::bind(addr)
-        .await
-        .map_err(|source| BindError::Io { addr, source })
+    let io = |source| BindError::Io { addr, source };
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(io)?;
+    if let Err(e) = sock.set_recv_buffer_size(SOCKET_RECV_BUFFER) {
+        tracing::debug!(error = %e, "cannot enlarge the datagram receive buffer");
+    }
+    sock.set_nonblocking(true).map_err(io)?;
+    sock.bind(&addr.into()).map_err(io)?;
+    UdpSocket::from_std(sock.into()).map_err(io)
 }
 
 /// The driver: receive, hand to the core, send what it answers, run its timers. It ends when
