@@ -61,28 +61,39 @@ impl Timeline {
         format!("[{:>8.3}s]", self.t0.elapsed().as_secs_f64())
     }
 
+    /// The first byte after the last migration arrived: print that migration's line.
     fn first_byte(&mut self) {
         if let Some(m) = self.pending.take() {
             let down = m.started.elapsed();
             self.downtimes.push(down);
-            println!(
-                "{} migration {}: {} -> {} at {} sent",
-                self.stamp(),
-                m.n,
-                m.from,
-                m.to,
-                size(m.at_sent)
-            );
-            println!(
-                "             freeze {} | image {} ({} unacknowledged, {} buffered input) | thaw {} | first byte after {}",
-                ms(m.freeze),
-                size(m.image_len as u64),
-                size(m.unacked as u64),
-                size(m.buffered as u64),
-                ms(m.thaw),
-                ms(down),
-            );
+            self.print(&m, &format!("first byte after {}", ms(down)));
         }
+    }
+
+    /// A migration follows the last one before any byte arrived: print the last one as such.
+    fn no_byte(&mut self) {
+        if let Some(m) = self.pending.take() {
+            self.print(&m, "no byte before the next move");
+        }
+    }
+
+    fn print(&self, m: &PendingMigration, resumed: &str) {
+        say!(
+            "{} migration {}: {} -> {} at {} sent",
+            self.stamp(),
+            m.n,
+            m.from,
+            m.to,
+            size(m.at_sent)
+        );
+        say!(
+            "             freeze {} | image {} ({} unacknowledged, {} buffered input) | thaw {} | {resumed}",
+            ms(m.freeze),
+            size(m.image_len as u64),
+            size(m.unacked as u64),
+            size(m.buffered as u64),
+            ms(m.thaw),
+        );
     }
 }
 
@@ -183,19 +194,19 @@ pub async fn run(args: DemoArgs) -> Result<bool, BoxError> {
     let a = Endpoint::bind(SocketAddr::new(ha, 0)).await?;
     let b = Endpoint::bind(SocketAddr::new(hb, 0)).await?;
     let c = Endpoint::bind(SocketAddr::new(hc, 0)).await?;
-    println!("roam demo: three hosts on one machine");
-    println!(
+    say!("roam demo: three hosts on one machine");
+    say!(
         "  host A  {:<22} application (sends, reads the echo)",
         a.local_addr()
     );
-    println!("  host B  {:<22} echo peer (never moves)", b.local_addr());
-    println!("  host C  {:<22} migration target", c.local_addr());
-    println!(
+    say!("  host B  {:<22} echo peer (never moves)", b.local_addr());
+    say!("  host C  {:<22} migration target", c.local_addr());
+    say!(
         "  {} each way, {} planned migrations A <-> C mid-stream",
         size(args.bytes),
         args.migrations
     );
-    println!();
+    say!("");
 
     let mut timeline = Timeline {
         t0: Instant::now(),
@@ -204,7 +215,7 @@ pub async fn run(args: DemoArgs) -> Result<bool, BoxError> {
     };
     let peer = tokio::spawn(echo_peer(b.clone()));
     let mut s = a.connect(b.local_addr()).await?;
-    println!(
+    say!(
         "{} associated: session {} A -> B",
         timeline.stamp(),
         s.session_id()
@@ -228,6 +239,7 @@ pub async fn run(args: DemoArgs) -> Result<bool, BoxError> {
             false,
         )
         .await?;
+        timeline.no_byte();
         let started = Instant::now();
         let image = s.freeze().await?;
         let freeze = started.elapsed();
@@ -263,19 +275,19 @@ pub async fn run(args: DemoArgs) -> Result<bool, BoxError> {
     )
     .await?;
     // A migration right at the end may have had no byte after it.
-    timeline.first_byte();
+    timeline.no_byte();
     let epoch = s.epoch();
     let stats = s.stats();
     drop(s);
     let (peer_recv, peer_echoed) = peer.await??;
     let elapsed = timeline.t0.elapsed();
-    println!(
+    say!(
         "{} transfer complete: {} each way in {:.2} s",
         timeline.stamp(),
         size(args.bytes),
         elapsed.as_secs_f64()
     );
-    println!();
+    say!("");
 
     let (sent_n, sent_h) = sent.finish();
     let (precv_n, precv_h) = peer_recv.finish();
@@ -284,22 +296,22 @@ pub async fn run(args: DemoArgs) -> Result<bool, BoxError> {
     let up = sent_n == precv_n && sent_h == precv_h && sent_n == args.bytes;
     let down = pecho_n == recv_n && pecho_h == recv_h && recv_n == args.bytes;
     let moved = epoch.0 == m;
-    println!("verification");
-    println!(
+    say!("verification");
+    say!(
         "  A -> B  sent {:>10}  received {:>10}  sha256 {}  {}",
         size(sent_n),
         size(precv_n),
         &hex::encode(sent_h)[..16],
         verdict(up)
     );
-    println!(
+    say!(
         "  B -> A  sent {:>10}  received {:>10}  sha256 {}  {}",
         size(pecho_n),
         size(recv_n),
         &hex::encode(recv_h)[..16],
         verdict(down)
     );
-    println!(
+    say!(
         "  migrations completed {}/{} (epoch {}), replayed {}, duplicates dropped {}  {}",
         epoch.0,
         m,
@@ -309,13 +321,13 @@ pub async fn run(args: DemoArgs) -> Result<bool, BoxError> {
         verdict(moved)
     );
     if let Some(med) = median(&mut timeline.downtimes) {
-        println!(
+        say!(
             "  median time from freeze to first byte on the new host: {}",
             ms(med)
         );
     }
     let stream_ok = up && down && moved;
-    println!();
+    say!("");
     let udp_ok = crate::demo_udp::run(
         [ha, hb, hc],
         args.readings,
@@ -324,8 +336,8 @@ pub async fn run(args: DemoArgs) -> Result<bool, BoxError> {
     )
     .await?;
     let ok = stream_ok && udp_ok;
-    println!();
-    println!(
+    say!("");
+    say!(
         "{}",
         if ok {
             "result: OK - nothing lost, duplicated or reordered"

@@ -123,11 +123,11 @@ pub async fn run(
         tasks.push(tokio::spawn(collector(c.clone(), first, s.clone())));
         seen.push((c, s));
     }
-    println!("UDP: telemetry reporter on host A ({first}) -> {n_collectors} collectors on host B");
-    println!(
+    say!("UDP: telemetry reporter on host A ({first}) -> {n_collectors} collectors on host B");
+    say!(
         "  {readings} readings to each collector, acknowledged to the reporter's first address; {migrations} planned migrations A <-> C"
     );
-    println!();
+    say!("");
     let mut acks = vec![BTreeSet::new(); n_collectors];
     let m = u64::from(migrations);
     let here_hosts = [(hosts[0], "A"), (hosts[2], "C")];
@@ -154,14 +154,14 @@ pub async fn run(
                 _ => break,
             }
         }
-        println!(
+        say!(
             "{} migration {k}: {} -> {} ({}) after reading {point}",
             stamp(),
             here_hosts[here].1,
             here_hosts[next].1,
             u.local_addr()
         );
-        println!(
+        say!(
             "             freeze {} | image {} B ({} peers) | all {n_collectors} peers re-associated after {}",
             ms(freeze),
             bytes.len(),
@@ -173,9 +173,9 @@ pub async fn run(
     run_leg(&u, &collectors, &mut acks, sent_at, readings).await?;
     collect_acks(&u, &collectors, &mut acks, readings).await?;
     let stats = u.stats();
-    println!("{} all readings sent", stamp());
-    println!();
-    println!("verification (UDP)");
+    say!("{} all readings sent", stamp());
+    say!("");
+    say!("verification (UDP)");
     let mut ok = stats.migrations == m;
     for (i, (c, s)) in seen.iter().enumerate() {
         let s = s.lock().unwrap_or_else(|p| p.into_inner());
@@ -185,7 +185,7 @@ pub async fn run(
         let cstats = c.stats();
         let good = lost == 0 && s.duplicates == 0 && s.wrong_sender == 0 && acked == readings;
         ok &= good;
-        println!(
+        say!(
             "  collector {} {:<21} received {got}/{readings}  lost {lost}  duplicates {}  acks back {acked}/{readings}  held during moves {}  {}",
             i + 1,
             c.local_addr().to_string(),
@@ -194,7 +194,7 @@ pub async fn run(
             if good { "ok" } else { "MISMATCH" }
         );
     }
-    println!(
+    say!(
         "  reporter: migrations {}/{m}, re-association requests {} ({} resent on data), dropped {}  {}",
         stats.migrations,
         stats.reassoc_sent,

@@ -1070,9 +1070,11 @@ impl Session {
             self.stats.connections_lost += 1;
         }
         self.down_since = Some(now);
-        // A session whose both halves have finished may end when its connection does.
-        if self.app_detached && self.fin_done_or_acked() && self.peer_fin_in() {
-            self.close(now);
+        if self.both_finished() {
+            // Nothing is left to deliver either way: end now if the application let go, and
+            // otherwise wait for it without redialing (PROTOCOL.md §4.3).
+            self.down_since = None;
+            self.check_closed(now);
             return;
         }
         if self.dialer && !self.peer_migrating && self.phase == Phase::Open {
@@ -1081,8 +1083,9 @@ impl Session {
         }
     }
 
-    fn fin_done_or_acked(&self) -> bool {
-        self.fin_acked || (self.fin.is_some() && self.unacked() == 0)
+    /// Our end of stream was acknowledged and the peer's has arrived.
+    fn both_finished(&self) -> bool {
+        self.fin_acked && self.peer_fin_in()
     }
 
     fn peer_fin_in(&self) -> bool {
@@ -1109,6 +1112,13 @@ impl Session {
             return;
         }
         match reason {
+            // The peer finished and forgot the session; so did we, but for the application.
+            RefuseReason::UnknownSession | RefuseReason::Closed if self.both_finished() => {
+                self.dialing = None;
+                self.events.push_back(Event::CloseConnection(conn));
+                self.down_since = None;
+                self.check_closed(now);
+            }
             // Transient: the peer may be mid-migration itself or at a limit.
             RefuseReason::Busy | RefuseReason::UnknownSession | RefuseReason::Closed => {
                 self.handle_dial_failed(now)
@@ -1458,13 +1468,12 @@ impl Session {
     }
 
     fn check_closed(&mut self, now: Instant) {
-        if self.phase == Phase::Open
-            && self.app_detached
-            && self.fin_acked
-            && self.peer_fin_in()
-            && self.link.is_some_and(|l| !l.freeze_ack_due)
-            && !self.ack_now
-        {
+        let quiet = match self.link {
+            // Our acknowledgement of the peer's end of stream goes out first.
+            Some(l) => !l.freeze_ack_due && !self.ack_now,
+            None => true,
+        };
+        if self.phase == Phase::Open && self.app_detached && self.both_finished() && quiet {
             self.close(now);
         }
     }

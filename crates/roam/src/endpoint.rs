@@ -232,7 +232,7 @@ impl Endpoint {
     }
 
     async fn connect_inner(&self, addr: SocketAddr) -> Result<Stream, ConnectError> {
-        let mut tcp = TcpStream::connect(addr).await?;
+        let mut tcp = dial(self.inner.local_addr, addr).await?;
         tcp.set_nodelay(true)?;
         let (assoc, hello) = Associating::new(self.inner.local, &entropy());
         tcp.write_all(&hello.to_bytes()).await?;
@@ -325,6 +325,20 @@ fn start_session(
     let (status_tx, status_rx) = watch::channel(initial);
     Driver::spawn(shared.clone(), inner.clone(), status_tx, first);
     Some(Stream::new(shared, inner.clone(), status_rx))
+}
+
+/// Open a TCP connection to `to` from the endpoint's own IP address (so a peer sees the
+/// connection come from this host, not from whatever source the kernel would pick).
+async fn dial(local: SocketAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = if to.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if local.is_ipv4() == to.is_ipv4() && !local.ip().is_unspecified() {
+        sock.bind(SocketAddr::new(local.ip(), 0))?;
+    }
+    sock.connect(to).await
 }
 
 /// Read one whole frame, keeping any bytes after it in `buf`. Handshake frames are small, so
@@ -498,7 +512,7 @@ pub(crate) async fn dial_reassoc(shared: SharedRef, ep: Arc<EndpointInner>, addr
     let conn = ep.conn_id();
     let timeout = ep.config.handshake_timeout;
     let mut started = false;
-    let r = tokio::time::timeout(timeout, dial_inner(&shared, conn, addr, &mut started)).await;
+    let r = tokio::time::timeout(timeout, dial_inner(&ep, &shared, conn, addr, &mut started)).await;
     let err = match r {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e.to_string()),
@@ -517,12 +531,13 @@ pub(crate) async fn dial_reassoc(shared: SharedRef, ep: Arc<EndpointInner>, addr
 }
 
 async fn dial_inner(
+    ep: &EndpointInner,
     shared: &SharedRef,
     conn: ConnId,
     addr: SocketAddr,
     started: &mut bool,
 ) -> Result<(), ConnectError> {
-    let mut tcp = TcpStream::connect(addr).await?;
+    let mut tcp = dial(ep.local_addr, addr).await?;
     tcp.set_nodelay(true)?;
     let req = {
         let mut s = lock(shared);

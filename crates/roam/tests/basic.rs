@@ -162,3 +162,41 @@ async fn dropping_both_ends_closes_the_session_and_frees_both_endpoints() {
     assert_eq!(a.session_count(), 0);
     assert_eq!(b.session_count(), 0);
 }
+
+/// Regression: when the peer finished and closed first, a stream whose both directions are
+/// done must not redial (the peer would refuse: unknown session) and must close once dropped.
+#[tokio::test]
+async fn a_finished_stream_whose_peer_closed_first_does_not_redial() {
+    let a = Endpoint::bind(host(2)).await.unwrap();
+    let b = Endpoint::bind(host(3)).await.unwrap();
+    let mut s = a.connect(b.local_addr()).await.unwrap();
+    let mut t = b.accept().await.unwrap();
+    s.write_all(b"question").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    t.read_to_end(&mut got).await.unwrap();
+    t.write_all(b"answer").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"answer");
+    let wt = t.watch_connected();
+    let mut ws = s.watch_connected();
+    drop(t);
+    session_released(wt).await;
+    // The connection is gone; s, the dialer, sees it go and stays down.
+    tokio::time::timeout(std::time::Duration::from_secs(5), ws.wait_for(|up| !*up))
+        .await
+        .expect("link loss noticed")
+        .unwrap();
+    drop(ws);
+    let ws = s.watch_connected();
+    drop(s);
+    session_released(ws).await;
+    assert_eq!(
+        b.stats().handshakes_rejected,
+        0,
+        "no redial after both ends finished"
+    );
+    assert_eq!(a.session_count(), 0);
+}
