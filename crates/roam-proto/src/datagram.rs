@@ -785,32 +785,39 @@ impl DatagramSocket {
         if self.frozen || self.freezing.is_some() {
             return Err(DatagramError::Frozen);
         }
-        let mut out = Vec::new();
-        let mut waiting = Vec::new();
-        for a in self.assocs.values() {
-            let mut body = Vec::with_capacity(16);
-            body.put_u64(a.id);
-            body.put_u64(self.epoch);
-            let mac = crypto::mac(&a.key, LABEL_FREEZING, &[&body]);
-            out.push((
-                a.addr,
-                Packet::Freezing {
-                    assoc: a.id,
-                    epoch: self.epoch,
-                    mac,
-                }
-                .encode(),
-            ));
-            waiting.push(a.id);
+        let ids: Vec<u64> = self.assocs.keys().copied().collect();
+        self.freezing = Some((Vec::new(), now + self.config.freeze_timeout));
+        for id in ids {
+            self.announce_freezing(id);
         }
-        self.transmits.extend(out);
-        self.freezing = Some((waiting, now + self.config.freeze_timeout));
         self.check_frozen();
         Ok(())
     }
 
+    /// Send `Freezing` on association `id` and wait for its answer.
+    fn announce_freezing(&mut self, id: u64) {
+        let Some(a) = self.assocs.get(&id) else {
+            return;
+        };
+        let mut body = Vec::with_capacity(16);
+        body.put_u64(a.id);
+        body.put_u64(self.epoch);
+        let mac = crypto::mac(&a.key, LABEL_FREEZING, &[&body]);
+        let p = Packet::Freezing {
+            assoc: a.id,
+            epoch: self.epoch,
+            mac,
+        };
+        self.transmits.push_back((a.addr, p.encode()));
+        if let Some((waiting, _)) = self.freezing.as_mut() {
+            waiting.push(id);
+        }
+    }
+
+    /// Frozen once every peer answered and every first contact in progress completed (its
+    /// peer then got `Freezing` too), or at the deadline.
     fn check_frozen(&mut self) {
-        if self.freezing.as_ref().is_some_and(|(w, _)| w.is_empty()) {
+        if self.freezing.as_ref().is_some_and(|(w, _)| w.is_empty()) && self.handshakes.is_empty() {
             self.finish_freeze();
         }
     }
@@ -1026,6 +1033,11 @@ impl DatagramSocket {
         );
         self.events
             .push_back(DatagramEvent::Associated { peer: from });
+        if self.freezing.is_some() {
+            // Completed while moving: this peer must hold for us too.
+            self.announce_freezing(id);
+            self.check_frozen();
+        }
     }
 
     fn on_data(&mut self, now: Instant, assoc: u64, payload: Bytes) {

@@ -35,15 +35,14 @@
 //! - After `PeerUnreachable` for a `Reassoc` the association stays in the table: the mover
 //!   keeps sending to the peer, whose answers go to the mover's old address. After a hold
 //!   timeout, a peer sends straight to the frozen socket's old address again (lost there).
-//! - A first contact is not migrateable: if a socket freezes while its own `Hello` is
-//!   unanswered, the image re-queues the datagrams for a *fresh* handshake (a new ephemeral
-//!   key) from the new address. A responder that already answered the first Hello refuses the
-//!   new one (same socket id, different key) for as long as the association lives, so the pair
-//!   can never talk again: the mover reports `PeerUnreachable` and its datagrams are dropped.
-//!   Likewise a peer whose `Hello` is in flight to a socket that then moves reaches nobody (it
-//!   knows no association to translate). See `limits::freeze_during_own_first_contact`.
-//! - A freeze waits only for the peers in the table: a socket with no association yet is frozen
-//!   at once. A `Freezing` is sent once, never resent: if it (or its `FreezingAck`) is lost the
+//! - A first contact in progress completes during a freeze: the freeze waits for the Welcome
+//!   (up to its timeout) and tells that new peer to hold too (`limits::freeze_during_own_first_
+//!   contact`). Only if the Welcome is lost until the freeze deadline does the image re-queue the
+//!   datagrams for a fresh handshake, which a responder that answered the first Hello refuses.
+//!   A peer whose `Hello` is in flight to a socket that then moves reaches nobody (it knows no
+//!   association to translate).
+//! - A freeze waits for the peers in the table and first contacts in progress: a socket with
+//!   neither is frozen at once. A `Freezing` is sent once, never resent: if it (or its `FreezingAck`) is lost the
 //!   freeze waits the whole `freeze_timeout`, and that peer, not holding, sends what it has
 //!   during the move to the old address, where it is lost.
 //! - Both ends moving at once (out of scope): each sends its `Reassoc` to the other's old
