@@ -6,6 +6,11 @@
 //! exactly once, in order, in both directions. A connection that dies on its own (reset, killed,
 //! unreachable for a while) is re-established and replayed from what the peer acknowledged.
 //!
+//! A [`Datagram`] is the same for UDP: a socket with any number of peers that can be frozen
+//! ([`Datagram::freeze`] → [`DatagramImage`]) and thawed at another address
+//! ([`Datagram::thaw`]); every peer is told the new address, and its application keeps using the
+//! old one.
+//!
 //! This crate is the tokio driver; the protocol itself lives in the sans-IO crate
 //! [`roam_proto`] and is specified in `docs/PROTOCOL.md`.
 //!
