@@ -1221,10 +1221,10 @@ impl DatagramSocket {
         self.transmits.push_back((a.addr, p.encode()));
         self.stats.reassoc_sent += 1;
         match &mut a.reassoc {
-            Some(r) if resend => {
-                r.next_at = now + r.delay;
-                r.last_sent = now;
-            }
+            // The backoff schedule is the timer's alone (`Retry::bump`): a resend triggered by
+            // data must not postpone it, or data arriving without end would keep an
+            // unacknowledged re-association alive, resent forever and never given up on.
+            Some(r) if resend => r.last_sent = now,
             Some(_) => {}
             None => a.reassoc = Some(Retry::new(now, self.config.retry_initial)),
         }
@@ -1279,7 +1279,6 @@ impl DatagramSocket {
             } else {
                 r.bump(now, max_delay);
                 self.send_reassoc(now, id, true);
-                // send_reassoc reset next_at from the bumped delay; keep the bumped tries.
             }
         }
         let hold = self.config.hold_timeout;

@@ -24,6 +24,9 @@ const EVENT_BACKLOG: usize = 1024;
 struct State {
     core: DatagramSocket,
     recv_waker: Option<Waker>,
+    /// Set when the socket is dropped or frozen: from then on the driver handles and sends
+    /// nothing (aborting its task does not stop a poll already in progress).
+    closed: bool,
 }
 
 struct Inner {
@@ -70,6 +73,9 @@ impl Inner {
         loop {
             let out: Vec<(SocketAddr, Bytes)> = {
                 let mut st = self.lock();
+                if st.closed {
+                    return;
+                }
                 let v = std::iter::from_fn(|| st.core.poll_transmit()).collect();
                 self.drain_events(&mut st);
                 v
@@ -155,6 +161,7 @@ impl Datagram {
             state: Mutex::new(State {
                 core,
                 recv_waker: None,
+                closed: false,
             }),
             socket: Arc::new(socket),
             frozen: Notify::new(),
@@ -257,6 +264,7 @@ impl Datagram {
     }
 
     fn stop(&self) {
+        self.inner.lock().closed = true;
         if let Some(t) = self
             .inner
             .task
@@ -313,6 +321,9 @@ async fn drive(inner: Arc<Inner>) {
             r = socket.recv_from(&mut buf) => match r {
                 Ok((n, from)) => {
                     let mut st = inner.lock();
+                    if st.closed {
+                        return;
+                    }
                     st.core.handle(Instant::now(), from, Bytes::copy_from_slice(&buf[..n]));
                     inner.drain_events(&mut st);
                 }
@@ -321,6 +332,9 @@ async fn drive(inner: Arc<Inner>) {
             },
             () = sleep => {
                 let mut st = inner.lock();
+                if st.closed {
+                    return;
+                }
                 st.core.handle_timeout(Instant::now());
                 inner.drain_events(&mut st);
             }
