@@ -1070,11 +1070,9 @@ impl Session {
             self.stats.connections_lost += 1;
         }
         self.down_since = Some(now);
-        if self.both_finished() {
-            // Nothing is left to deliver either way: end now if the application let go, and
-            // otherwise wait for it without redialing (PROTOCOL.md §4.3).
-            self.down_since = None;
-            self.check_closed(now);
+        if self.app_detached && self.both_finished() {
+            // Nothing is left to deliver either way and nobody holds the stream.
+            self.close(now);
             return;
         }
         if self.dialer && !self.peer_migrating && self.phase == Phase::Open {

@@ -163,6 +163,7 @@ impl Driver {
                         let id = c.id;
                         self.conn = None;
                         s.core.handle_connection_lost(now, id);
+                        tracing::debug!(session = %s.core.id(), conn = ?id, core = ?s.core, "connection lost");
                     }
                 }
             }
@@ -219,6 +220,7 @@ impl Driver {
     fn on_event(&mut self, ev: Event) {
         match ev {
             Event::Dial(addr) => {
+                tracing::debug!(%addr, "dialing to re-associate");
                 tokio::spawn(crate::endpoint::dial_reassoc(
                     self.shared.clone(),
                     self.endpoint.clone(),

@@ -409,7 +409,8 @@ async fn kill_some(relay: &Relay, log: &Log, why: &str) -> usize {
         }
         assert!(
             Instant::now() < deadline,
-            "{why}: no live relayed connection to kill for {KILL_WAIT:?}"
+            "{why}: no live relayed connection to kill for {KILL_WAIT:?}\nlog:\n{}",
+            log.dump()
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -1371,6 +1372,12 @@ async fn silent_network_detected_by_idle_timeout() {
 #[test]
 #[ignore]
 fn replay_case() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     let v: Vec<u64> = std::env::var("CASE")
         .expect("CASE=seed,s_total,t_total,migrations,kills")
         .split(',')
