@@ -20,6 +20,7 @@ macro_rules! say {
     }};
 }
 
+mod bench;
 mod demo;
 mod demo_udp;
 
@@ -39,6 +40,23 @@ enum Command {
     /// Three hosts on this machine: stream data to an echo peer, migrate the sender to a third
     /// host mid-stream (several times), and verify every byte both ways.
     Demo(DemoArgs),
+    /// Measure roam against raw tokio TCP and UDP on loopback (baselines interleaved in the
+    /// same run): throughput, latency, migration, sessions, udp.
+    Bench(BenchArgs),
+}
+
+/// Options of `roam bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Smaller sizes and counts (about a minute in total).
+    #[arg(long)]
+    pub quick: bool,
+    /// Write the results as JSON on standard output (the tables go to standard error).
+    #[arg(long)]
+    pub json: bool,
+    /// Run only this benchmark.
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(roam_bench::NAMES))]
+    pub only: Option<String>,
 }
 
 /// Options of `roam demo`.
@@ -134,6 +152,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Bench(args) => match rt.block_on(bench::run(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("roam bench: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
