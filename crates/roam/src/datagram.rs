@@ -199,9 +199,16 @@ impl Datagram {
     /// Send one datagram to the peer the application knows as `dest`. Returns the payload
     /// length. A payload larger than one datagram can carry is an error, never truncated.
     pub async fn send_to(&self, buf: &[u8], dest: SocketAddr) -> Result<usize, DatagramError> {
-        self.inner.lock().core.send_to(Instant::now(), dest, buf)?;
-        // A first contact also armed a retry timer: let the driver see it.
-        self.inner.kick.notify_one();
+        let rearmed = {
+            let mut st = self.inner.lock();
+            let before = st.core.poll_timeout();
+            st.core.send_to(Instant::now(), dest, buf)?;
+            st.core.poll_timeout() != before
+        };
+        // A first contact arms a retry timer: only then does the driver need to wake up.
+        if rearmed {
+            self.inner.kick.notify_one();
+        }
         self.inner.flush().await;
         Ok(buf.len())
     }
