@@ -45,6 +45,30 @@ const LABEL_ACK: &[u8] = b"roam/v1/dgram-ack";
 const LABEL_FREEZING: &[u8] = b"roam/v1/dgram-freezing";
 const LABEL_FREEZING_ACK: &[u8] = b"roam/v1/dgram-freezing-ack";
 
+/// The MAC of the short control packets (`ReassocAck`, `Freezing`, `FreezingAck`): over the
+/// association id and epoch, under the association key, with the packet's own label.
+fn control_mac(key: &SessionKey, label: &[u8], assoc: u64, epoch: u64) -> [u8; MAC_LEN] {
+    crypto::mac(key, label, &[&control_body(assoc, epoch)])
+}
+
+/// Constant-time check of a [`control_mac`].
+fn control_mac_ok(
+    key: &SessionKey,
+    label: &[u8],
+    assoc: u64,
+    epoch: u64,
+    mac: &[u8; MAC_LEN],
+) -> bool {
+    crypto::verify(key, label, &[&control_body(assoc, epoch)], mac)
+}
+
+fn control_body(assoc: u64, epoch: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&assoc.to_be_bytes());
+    b[8..].copy_from_slice(&epoch.to_be_bytes());
+    b
+}
+
 /// One datagram-socket packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -152,22 +176,13 @@ impl Packet {
                 b.put_slice(mac);
             }
             Packet::ReassocAck { assoc, epoch, mac } => {
-                b.put_u8(dkind::REASSOC_ACK);
-                b.put_u64(*assoc);
-                b.put_u64(*epoch);
-                b.put_slice(mac);
+                put_control(&mut b, dkind::REASSOC_ACK, *assoc, *epoch, mac)
             }
             Packet::Freezing { assoc, epoch, mac } => {
-                b.put_u8(dkind::FREEZING);
-                b.put_u64(*assoc);
-                b.put_u64(*epoch);
-                b.put_slice(mac);
+                put_control(&mut b, dkind::FREEZING, *assoc, *epoch, mac)
             }
             Packet::FreezingAck { assoc, epoch, mac } => {
-                b.put_u8(dkind::FREEZING_ACK);
-                b.put_u64(*assoc);
-                b.put_u64(*epoch);
-                b.put_slice(mac);
+                put_control(&mut b, dkind::FREEZING_ACK, *assoc, *epoch, mac)
             }
         }
         b.freeze()
@@ -256,26 +271,27 @@ impl Packet {
                 nonce: r.array("nonce")?,
                 mac: r.array("mac")?,
             },
-            dkind::REASSOC_ACK => Packet::ReassocAck {
-                assoc: r.u64("association id")?,
-                epoch: r.u64("epoch")?,
-                mac: r.array("mac")?,
-            },
-            dkind::FREEZING => Packet::Freezing {
-                assoc: r.u64("association id")?,
-                epoch: r.u64("epoch")?,
-                mac: r.array("mac")?,
-            },
-            dkind::FREEZING_ACK => Packet::FreezingAck {
-                assoc: r.u64("association id")?,
-                epoch: r.u64("epoch")?,
-                mac: r.array("mac")?,
-            },
+            dkind::REASSOC_ACK | dkind::FREEZING | dkind::FREEZING_ACK => {
+                let (assoc, epoch) = (r.u64("association id")?, r.u64("epoch")?);
+                let mac = r.array("mac")?;
+                match ty {
+                    dkind::REASSOC_ACK => Packet::ReassocAck { assoc, epoch, mac },
+                    dkind::FREEZING => Packet::Freezing { assoc, epoch, mac },
+                    _ => Packet::FreezingAck { assoc, epoch, mac },
+                }
+            }
             other => return Err(FrameError::UnknownType(other)),
         };
         r.finish()?;
         Ok(p)
     }
+}
+
+fn put_control(b: &mut BytesMut, ty: u8, assoc: u64, epoch: u64, mac: &[u8; MAC_LEN]) {
+    b.put_u8(ty);
+    b.put_u64(assoc);
+    b.put_u64(epoch);
+    b.put_slice(mac);
 }
 
 /// Limits and timers of a datagram socket. [`Default`] gives the documented defaults.
@@ -799,10 +815,7 @@ impl DatagramSocket {
         let Some(a) = self.assocs.get(&id) else {
             return;
         };
-        let mut body = Vec::with_capacity(16);
-        body.put_u64(a.id);
-        body.put_u64(self.epoch);
-        let mac = crypto::mac(&a.key, LABEL_FREEZING, &[&body]);
+        let mac = control_mac(&a.key, LABEL_FREEZING, a.id, self.epoch);
         let p = Packet::Freezing {
             assoc: a.id,
             epoch: self.epoch,
@@ -1095,13 +1108,10 @@ impl DatagramSocket {
         a.addr = *addr;
         let id = a.id;
         let known = a.known_addr;
-        let mut ack_body = Vec::with_capacity(16);
-        ack_body.put_u64(id);
-        ack_body.put_u64(*epoch);
         let ack = Packet::ReassocAck {
             assoc: id,
             epoch: *epoch,
-            mac: crypto::mac(&a.key, LABEL_ACK, &[&ack_body]),
+            mac: control_mac(&a.key, LABEL_ACK, id, *epoch),
         }
         .encode();
         if !moved {
@@ -1146,10 +1156,7 @@ impl DatagramSocket {
             self.stats.refused += 1;
             return;
         };
-        let mut body = Vec::with_capacity(16);
-        body.put_u64(assoc);
-        body.put_u64(epoch);
-        if epoch != self.epoch || !crypto::verify(&a.key, LABEL_ACK, &[&body], &mac) {
+        if epoch != self.epoch || !control_mac_ok(&a.key, LABEL_ACK, assoc, epoch, &mac) {
             self.stats.refused += 1;
             return;
         }
@@ -1164,10 +1171,7 @@ impl DatagramSocket {
             self.stats.refused += 1;
             return;
         };
-        let mut body = Vec::with_capacity(16);
-        body.put_u64(assoc);
-        body.put_u64(epoch);
-        if epoch != a.peer_epoch || !crypto::verify(&a.key, LABEL_FREEZING, &[&body], &mac) {
+        if epoch != a.peer_epoch || !control_mac_ok(&a.key, LABEL_FREEZING, assoc, epoch, &mac) {
             self.stats.refused += 1;
             return;
         }
@@ -1176,7 +1180,7 @@ impl DatagramSocket {
         let ack = Packet::FreezingAck {
             assoc,
             epoch,
-            mac: crypto::mac(&a.key, LABEL_FREEZING_ACK, &[&body]),
+            mac: control_mac(&a.key, LABEL_FREEZING_ACK, assoc, epoch),
         }
         .encode();
         self.transmits.push_back((a.addr, ack));
@@ -1187,10 +1191,7 @@ impl DatagramSocket {
             self.stats.refused += 1;
             return;
         };
-        let mut body = Vec::with_capacity(16);
-        body.put_u64(assoc);
-        body.put_u64(epoch);
-        if epoch != self.epoch || !crypto::verify(&a.key, LABEL_FREEZING_ACK, &[&body], &mac) {
+        if epoch != self.epoch || !control_mac_ok(&a.key, LABEL_FREEZING_ACK, assoc, epoch, &mac) {
             self.stats.refused += 1;
             return;
         }

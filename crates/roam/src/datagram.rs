@@ -125,10 +125,7 @@ impl Datagram {
         addr: SocketAddr,
         config: DatagramConfig,
     ) -> Result<Datagram, BindError> {
-        let socket = bind_udp(addr).await?;
-        let local = socket
-            .local_addr()
-            .map_err(|source| BindError::Io { addr, source })?;
+        let (socket, local) = bind_udp(addr).await?;
         let core = DatagramSocket::new(config, local, rand::random());
         Ok(Datagram::start(core, socket))
     }
@@ -145,10 +142,7 @@ impl Datagram {
         addr: SocketAddr,
         config: DatagramConfig,
     ) -> Result<Datagram, BindError> {
-        let socket = bind_udp(addr).await?;
-        let local = socket
-            .local_addr()
-            .map_err(|source| BindError::Io { addr, source })?;
+        let (socket, local) = bind_udp(addr).await?;
         let core = DatagramSocket::from_image(image, local, config, rand::random(), Instant::now());
         let d = Datagram::start(core, socket);
         d.inner.kick.notify_one();
@@ -294,7 +288,8 @@ impl Drop for Datagram {
 /// peers must not overflow it while the driver task waits for a thread.
 const SOCKET_RECV_BUFFER: usize = 4 << 20;
 
-async fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, BindError> {
+/// Bind a UDP socket at `addr` (with an enlarged receive buffer); returns it and its address.
+async fn bind_udp(addr: SocketAddr) -> Result<(UdpSocket, SocketAddr), BindError> {
     let io = |source| BindError::Io { addr, source };
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -307,7 +302,9 @@ async fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, BindError> {
     }
     sock.set_nonblocking(true).map_err(io)?;
     sock.bind(&addr.into()).map_err(io)?;
-    UdpSocket::from_std(sock.into()).map_err(io)
+    let socket = UdpSocket::from_std(sock.into()).map_err(io)?;
+    let local = socket.local_addr().map_err(io)?;
+    Ok((socket, local))
 }
 
 /// The driver: receive, hand to the core, send what it answers, run its timers. It ends when
