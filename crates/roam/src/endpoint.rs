@@ -20,6 +20,9 @@ use crate::driver::{lock, Driver, Handover, Shared, SharedRef, Status};
 use crate::error::{AcceptError, BindError, ConnectError, ThawError};
 use crate::stream::Stream;
 
+/// Connections the kernel queues for the endpoint's accept loop (capped by `somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Settings of an [`Endpoint`] and of every session it runs.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -160,9 +163,18 @@ impl Endpoint {
         addr: SocketAddr,
         config: EndpointConfig,
     ) -> Result<Endpoint, BindError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| BindError::Io { addr, source })?;
+        let io = |source| BindError::Io { addr, source };
+        let sock = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(io)?;
+        sock.set_reuseaddr(true).map_err(io)?;
+        sock.bind(addr).map_err(io)?;
+        // A deep accept queue: a batch of sessions thawing at once all dial here together, and a
+        // dropped SYN costs a client a one-second retransmission.
+        let listener: TcpListener = sock.listen(LISTEN_BACKLOG).map_err(io)?;
         let local_addr = listener
             .local_addr()
             .map_err(|source| BindError::Io { addr, source })?;
