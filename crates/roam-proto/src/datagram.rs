@@ -955,36 +955,49 @@ impl DatagramSocket {
         }
         let welcome = w.encode();
         self.transmits.push_back((from, welcome.clone()));
-        let a = Assoc {
-            id,
-            peer: socket,
-            key,
-            known_addr: from,
-            addr: from,
-            peer_epoch: 0,
-            reassoc: None,
-            migrating_since: None,
-            held: VecDeque::new(),
-            answered: Some((eph, welcome)),
-        };
-        // Our own Hello to the same peer lost the tie: its datagrams ride this association.
+        self.install(from, id, socket, key, Some((eph, welcome)));
+    }
+
+    /// A completed association becomes a row of the table (claims 9, 21b, 23): the datagrams
+    /// queued for this first contact (ours, if our own Hello lost a tie or was answered) go out
+    /// on it, and if we are freezing, the new peer is told to hold for us too.
+    fn install(
+        &mut self,
+        from: SocketAddr,
+        id: u64,
+        peer: SocketId,
+        key: SessionKey,
+        answered: Option<([u8; 32], Bytes)>,
+    ) {
         if let Some(h) = self.handshakes.remove(&from) {
-            for d in h.queued {
-                self.transmits.push_back((
-                    from,
-                    Packet::Data {
-                        assoc: id,
-                        payload: d,
-                    }
-                    .encode(),
-                ));
+            for payload in h.queued {
+                let p = Packet::Data { assoc: id, payload }.encode();
+                self.transmits.push_back((from, p));
                 self.stats.sent += 1;
             }
         }
         self.by_addr.insert(from, id);
-        self.assocs.insert(id, a);
+        self.assocs.insert(
+            id,
+            Assoc {
+                id,
+                peer,
+                key,
+                known_addr: from,
+                addr: from,
+                peer_epoch: 0,
+                reassoc: None,
+                migrating_since: None,
+                held: VecDeque::new(),
+                answered,
+            },
+        );
         self.events
             .push_back(DatagramEvent::Associated { peer: from });
+        if self.freezing.is_some() {
+            self.announce_freezing(id);
+            self.check_frozen();
+        }
     }
 
     fn on_welcome(&mut self, from: SocketAddr, w: Packet) {
@@ -1016,41 +1029,7 @@ impl DatagramSocket {
             self.stats.refused += 1;
             return;
         }
-        let h = self.handshakes.remove(&from).expect("checked above");
-        for d in h.queued {
-            self.transmits.push_back((
-                from,
-                Packet::Data {
-                    assoc: id,
-                    payload: d,
-                }
-                .encode(),
-            ));
-            self.stats.sent += 1;
-        }
-        self.by_addr.insert(from, id);
-        self.assocs.insert(
-            id,
-            Assoc {
-                id,
-                peer: *socket,
-                key,
-                known_addr: from,
-                addr: from,
-                peer_epoch: 0,
-                reassoc: None,
-                migrating_since: None,
-                held: VecDeque::new(),
-                answered: None,
-            },
-        );
-        self.events
-            .push_back(DatagramEvent::Associated { peer: from });
-        if self.freezing.is_some() {
-            // Completed while moving: this peer must hold for us too.
-            self.announce_freezing(id);
-            self.check_frozen();
-        }
+        self.install(from, id, *socket, key, None);
     }
 
     fn on_data(&mut self, now: Instant, assoc: u64, payload: Bytes) {
