@@ -21,15 +21,15 @@ use crate::error::BindError;
 /// Events kept for [`Datagram::next_event`] before the oldest are dropped.
 const EVENT_BACKLOG: usize = 1024;
 
-struct State {
-    core: DatagramSocket,
+pub(crate) struct State {
+    pub(crate) core: DatagramSocket,
     recv_waker: Option<Waker>,
     /// Set when the socket is dropped or frozen: from then on the driver handles and sends
     /// nothing (aborting its task does not stop a poll already in progress).
     closed: bool,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     state: Mutex<State>,
     /// Signalled when the core finished freezing.
     frozen: Notify,
@@ -45,7 +45,7 @@ struct Inner {
 }
 
 impl Inner {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -103,7 +103,7 @@ impl Inner {
 /// holding, while a peer announced it is migrating, what is addressed to it (bounded, counted
 /// in [`DatagramStats::dropped_hold`]).
 pub struct Datagram {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Datagram {

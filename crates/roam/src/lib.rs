@@ -39,11 +39,13 @@ mod datagram;
 mod driver;
 mod endpoint;
 pub mod error;
+mod monitor;
 mod stream;
 
 pub use datagram::Datagram;
 pub use endpoint::{Endpoint, EndpointConfig, EndpointStats};
 pub use error::{AcceptError, BindError, ConnectError, ThawError};
+pub use monitor::{DatagramMonitor, StreamMonitor, StreamStatus};
 pub use roam_proto::{
     DatagramConfig, DatagramError, DatagramEvent, DatagramImage, DatagramStats, EndpointId, Epoch,
     FreezeError, ImageError, PeerEntry, PeerInfo, RefuseReason, SessionConfig, SessionError,
