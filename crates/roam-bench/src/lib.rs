@@ -1,10 +1,12 @@
-//! The roam benchmark suite behind `roam bench`: roam against raw tokio TCP and UDP on
-//! loopback (distinct 127.0.0.x addresses), both measured in the same run and interleaved
-//! round by round, so they see the same machine conditions.
+//! The roam benchmark suite behind `roam bench`: roam against raw tokio TCP and UDP, TLS 1.3
+//! over TCP (tokio-rustls) and quinn (QUIC) on loopback (distinct 127.0.0.x addresses), all
+//! measured in the same run and interleaved round by round, so they see the same machine
+//! conditions.
 //!
 //! Every benchmark returns a [`Bench`]: rows of figures, each a median over repeated runs
 //! with its spread, the baseline next to it and the ratio roam / baseline. [`Report`] adds the
-//! machine and serializes to JSON; [`Bench::table`] renders the human table.
+//! machine and serializes to JSON; [`Bench::table`] renders the human table and
+//! [`migration_chart`] draws the migration benchmark as an SVG chart.
 //!
 //! Every loop is bounded by a count and every wait by a timeout; only loopback addresses are
 //! used.
@@ -16,11 +18,14 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+mod chart;
 mod migration;
 mod sessions;
 mod tcp;
+mod transport;
 mod udp;
 
+pub use chart::{migration_chart, write_migration_chart};
 pub use migration::migration;
 pub use sessions::sessions;
 pub use tcp::{latency, throughput};
@@ -43,10 +48,12 @@ pub struct Params {
     pub throughput_bytes: u64,
     /// 64-byte round trips in all latency rounds together.
     pub latency_trips: usize,
-    /// Migrations with 0 and with 64 KiB in flight.
+    /// Migrations with 0, 64 KiB and 1 MiB in flight, and quinn rebinds.
     pub migrations: usize,
     /// Migrations with 8 MiB in flight.
     pub migrations_big: usize,
+    /// Bytes in flight of the middle migration case (1 MiB; smaller in tests).
+    pub mid_in_flight: usize,
     /// Bytes in flight of the large migration case (8 MiB; smaller in tests).
     pub big_in_flight: usize,
     /// Concurrent idle sessions (scaled down to the fd limit).
@@ -72,6 +79,7 @@ impl Params {
             latency_trips: 20_000,
             migrations: 200,
             migrations_big: 50,
+            mid_in_flight: 1 << 20,
             big_in_flight: 8 << 20,
             idle_sessions: 10_000,
             batch_sessions: 1_000,
@@ -90,6 +98,7 @@ impl Params {
             latency_trips: 2_000,
             migrations: 30,
             migrations_big: 10,
+            mid_in_flight: 1 << 20,
             big_in_flight: 8 << 20,
             idle_sessions: 1_000,
             batch_sessions: 200,
@@ -108,6 +117,7 @@ impl Params {
             latency_trips: 100,
             migrations: 3,
             migrations_big: 2,
+            mid_in_flight: 128 << 10,
             big_in_flight: 256 << 10,
             idle_sessions: 20,
             batch_sessions: 10,
@@ -187,6 +197,19 @@ pub struct Row {
     pub baseline: Option<Stat>,
     /// roam / baseline of the medians.
     pub ratio: Option<f64>,
+    /// The baseline's short name (e.g. `"raw TCP"`, `"quinn"`), empty if there is none.
+    pub against: String,
+    /// Where the row sits in a chartable series, if it does (the migration rows).
+    pub point: Option<Point>,
+}
+
+/// A row's place in a series: `series` (e.g. `"p50"`) at `x` (e.g. bytes in flight).
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    /// The series, e.g. `"p50"`.
+    pub series: String,
+    /// The independent variable, e.g. bytes in flight.
+    pub x: f64,
 }
 
 impl Row {
@@ -201,7 +224,24 @@ impl Row {
             roam,
             baseline,
             ratio,
+            against: String::new(),
+            point: None,
         }
+    }
+
+    /// Name the baseline.
+    fn vs(mut self, against: &str) -> Row {
+        self.against = against.into();
+        self
+    }
+
+    /// Place the row in series `series` at `x`.
+    fn at(mut self, series: &str, x: f64) -> Row {
+        self.point = Some(Point {
+            series: series.into(),
+            x,
+        });
+        self
     }
 }
 
@@ -210,7 +250,7 @@ impl Row {
 pub struct Bench {
     /// One of [`NAMES`].
     pub name: String,
-    /// What the baseline is (e.g. `"raw tokio TcpStream"`), empty if none.
+    /// What the baselines are (e.g. `"raw tokio TcpStream"`), empty or `"none"` if none.
     pub baseline: String,
     /// The figures.
     pub rows: Vec<Row>,
@@ -223,29 +263,46 @@ impl Bench {
     pub fn table(&self) -> String {
         let mut out = String::new();
         let base = if self.baseline.is_empty() {
-            "baseline"
+            "none"
         } else {
             &self.baseline
         };
-        let _ = writeln!(out, "{}  (baseline: {base})", self.name);
+        let _ = writeln!(out, "{}  (baselines: {base})", self.name);
+        let names: Vec<String> = self
+            .rows
+            .iter()
+            .map(|r| format!("{} ({})", r.name, r.unit))
+            .collect();
+        let w = names
+            .iter()
+            .map(|n| n.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(6);
         let _ = writeln!(
             out,
-            "  {:<38} {:>10} {:>21} {:>10} {:>21} {:>6}  spread",
-            "figure", "roam", "[lo .. hi]", "baseline", "[lo .. hi]", "ratio"
+            "  {:<w$} {:>10} {:>21}  {:<12} {:>10} {:>21} {:>6}  spread",
+            "figure", "roam", "[lo .. hi]", "against", "baseline", "[lo .. hi]", "ratio"
         );
-        for r in &self.rows {
-            let name = format!("{} ({})", r.name, r.unit);
+        for (r, name) in self.rows.iter().zip(&names) {
             let (b, bs) = match r.baseline {
                 Some(b) => (num(b.median), format!("[{} .. {}]", num(b.lo), num(b.hi))),
                 None => ("-".into(), String::new()),
             };
             let ratio = r.ratio.map_or("-".into(), |x| format!("{x:.2}"));
+            let against = if r.against.is_empty() {
+                "-"
+            } else {
+                &r.against
+            };
+            // `{:<w$}` pads by chars, so "µs" lines up like the others.
             let _ = writeln!(
                 out,
-                "  {:<38} {:>10} {:>21} {:>10} {:>21} {:>6}  {}",
+                "  {:<w$} {:>10} {:>21}  {:<12} {:>10} {:>21} {:>6}  {}",
                 name,
                 num(r.roam.median),
                 format!("[{} .. {}]", num(r.roam.lo), num(r.roam.hi)),
+                against,
                 b,
                 bs,
                 ratio,
@@ -319,6 +376,17 @@ impl Report {
 
 /// Run the benchmark called `name` (one of [`NAMES`]).
 pub async fn run(name: &str, p: &Params) -> Result<Bench, BoxError> {
+    let mut b = run_one(name, p).await?;
+    // Rows with a baseline that did not name it compare against the benchmark's one baseline.
+    for r in &mut b.rows {
+        if r.baseline.is_some() && r.against.is_empty() {
+            r.against.clone_from(&b.baseline);
+        }
+    }
+    Ok(b)
+}
+
+async fn run_one(name: &str, p: &Params) -> Result<Bench, BoxError> {
     match name {
         "throughput" => throughput(p).await,
         "latency" => latency(p).await,

@@ -244,7 +244,8 @@ pub async fn udp(p: &Params) -> Result<Bench, BoxError> {
         format!("min/max of {rounds} rounds"),
         Stat::min_max(&roam_loss),
         Some(Stat::min_max(&raw_loss)),
-    );
+    )
+    .vs("raw UDP");
     // A ratio of loss percentages means little (and is undefined at 0).
     loss.ratio = None;
     Ok(Bench {
@@ -257,7 +258,8 @@ pub async fn udp(p: &Params) -> Result<Bench, BoxError> {
                 format!("min/max of {rounds} rounds"),
                 Stat::min_max(&roam_rate),
                 Some(Stat::min_max(&raw_rate)),
-            ),
+            )
+            .vs("raw UDP"),
             loss,
             Row::new(
                 &format!("reassoc {peers} peers, total"),

@@ -23,6 +23,9 @@ fn check(b: &Bench) {
         if let Some(x) = r.ratio {
             assert!(x.is_finite() && x > 0.0, "{what}: ratio {x}");
         }
+        if r.baseline.is_some() {
+            assert!(!r.against.is_empty(), "{what}: baseline without a name");
+        }
     }
     assert!(b.table().contains(&b.name));
 }
@@ -45,6 +48,33 @@ async fn every_benchmark_runs_tiny() {
         assert!(by_name(n).rows.iter().all(|r| r.ratio.is_some()), "{n}");
     }
     assert!(by_name("udp").rows[0].ratio.is_some());
+    // The TLS and quinn baselines ran: throughput against raw TCP, TLS and quinn, latency
+    // against raw TCP and quinn (p50 and p99 each), migration against quinn's rebind.
+    let against =
+        |n: &str| -> Vec<String> { by_name(n).rows.iter().map(|r| r.against.clone()).collect() };
+    assert_eq!(against("throughput"), ["raw TCP", "TLS 1.3/TCP", "quinn"]);
+    assert_eq!(against("latency"), ["raw TCP", "raw TCP", "quinn", "quinn"]);
+    let migration = by_name("migration");
+    let rebind: Vec<_> = migration
+        .rows
+        .iter()
+        .filter(|r| r.against == "quinn rebind")
+        .collect();
+    assert_eq!(rebind.len(), 2, "0 B p50 and p99 against quinn rebind");
+    assert!(rebind.iter().all(|r| r.ratio.is_some()));
+    // Four in-flight cases, p50 and p99 each, all placed for the chart.
+    assert_eq!(migration.rows.len(), 8);
+    assert!(migration.rows.iter().all(|r| r.point.is_some()));
+    let svg = roam_bench::migration_chart(migration).expect("chart");
+    assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{svg}");
+    assert!(
+        svg.contains("quinn") && svg.contains("64 KiB"),
+        "labels drawn"
+    );
+    let path = std::env::temp_dir().join(format!("roam-bench-{}.svg", std::process::id()));
+    roam_bench::write_migration_chart(&benches, &path).expect("write chart");
+    assert!(std::fs::metadata(&path).is_ok_and(|m| m.len() > 0));
+    let _ = std::fs::remove_file(&path);
     let report = Report {
         machine: roam_bench::Machine::detect(),
         quick: true,
@@ -53,5 +83,6 @@ async fn every_benchmark_runs_tiny() {
     };
     let json = report.to_json();
     assert!(json.contains("\"throughput\"") && json.contains("\"cpus\""));
+    assert!(json.contains("\"against\": \"TLS 1.3/TCP\"") && json.contains("\"quinn rebind\""));
     assert!(roam_bench::run("nope", &Params::tiny()).await.is_err());
 }
