@@ -65,12 +65,18 @@ impl Stream {
 pub struct DatagramMonitor {
     inner: Weak<Inner>,
     id: SocketId,
+    local: std::net::SocketAddr,
 }
 
 impl DatagramMonitor {
     /// The socket this monitor watches.
     pub fn socket_id(&self) -> SocketId {
         self.id
+    }
+
+    /// The address the socket is bound to.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.local
     }
 
     /// Counters and the association table now, or `None` once the socket is gone.
@@ -87,6 +93,7 @@ impl Datagram {
         DatagramMonitor {
             inner: Arc::downgrade(&self.inner),
             id: self.id(),
+            local: self.local_addr(),
         }
     }
 }
