@@ -33,6 +33,7 @@ pub mod kind {
     pub const ACCEPT: u8 = 0x04;
     pub const CONFIRM: u8 = 0x05;
     pub const REFUSE: u8 = 0x06;
+    pub const MOVED: u8 = 0x07;
     pub const DATA: u8 = 0x10;
     pub const ACK: u8 = 0x11;
     pub const FIN: u8 = 0x12;
@@ -187,6 +188,16 @@ pub struct Confirm {
     pub mac: [u8; MAC_LEN],
 }
 
+/// Answer of an endpoint that no longer hosts a session but knows where it went
+/// (PROTOCOL.md §5.4): dial `contact` instead. Unauthenticated, like `Refuse`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moved {
+    /// The session the `Reassoc` named.
+    pub session: SessionId,
+    /// Where that session's endpoint can be reached now.
+    pub contact: SocketAddr,
+}
+
 /// One protocol frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -203,6 +214,8 @@ pub enum Frame {
     Confirm(Confirm),
     /// (Re-)association refused.
     Refuse(RefuseReason),
+    /// The session moved away from this endpoint: re-associate at the given address instead.
+    Moved(Moved),
     /// Stream bytes starting at `offset`, with a piggy-backed acknowledgement and window.
     Data {
         /// Offset of the first payload byte.
@@ -293,6 +306,7 @@ impl Frame {
             Frame::Accept(_) => kind::ACCEPT,
             Frame::Confirm(_) => kind::CONFIRM,
             Frame::Refuse(_) => kind::REFUSE,
+            Frame::Moved(_) => kind::MOVED,
             Frame::Data { .. } => kind::DATA,
             Frame::Ack { .. } => kind::ACK,
             Frame::Fin { .. } => kind::FIN,
@@ -319,6 +333,10 @@ impl Frame {
             }
             Frame::Confirm(c) => out.put_slice(&c.mac),
             Frame::Refuse(r) => out.put_u8(r.code()),
+            Frame::Moved(m) => {
+                out.put_slice(&m.session.0);
+                out.put_socket_addr(m.contact);
+            }
             Frame::Data { .. } => unreachable!("Data is encoded by the caller above"),
             Frame::Ack { ack, limit } => {
                 out.put_u64(ack.0);
@@ -423,6 +441,10 @@ impl Frame {
                 mac: r.array("mac")?,
             }),
             kind::REFUSE => Frame::Refuse(RefuseReason::from_code(r.u8("reason")?)?),
+            kind::MOVED => Frame::Moved(Moved {
+                session: SessionId(r.array("session id")?),
+                contact: r.socket_addr("contact")?,
+            }),
             kind::ACK => Frame::Ack {
                 ack: Offset(r.u64("ack")?),
                 limit: Offset(r.u64("limit")?),
@@ -445,7 +467,7 @@ impl Frame {
 }
 
 fn is_known(ty: u8) -> bool {
-    matches!(ty, 0x01..=0x06 | 0x10..=0x15)
+    matches!(ty, 0x01..=0x07 | 0x10..=0x15)
 }
 
 fn check_magic(r: &mut Reader<'_>) -> Result<(), FrameError> {
@@ -576,6 +598,14 @@ mod tests {
             }),
             Frame::Confirm(Confirm { mac: [17; 32] }),
             Frame::Refuse(RefuseReason::StaleEpoch),
+            Frame::Moved(Moved {
+                session: SessionId([18; 16]),
+                contact: "127.0.0.4:7001".parse().unwrap(),
+            }),
+            Frame::Moved(Moved {
+                session: SessionId([19; 16]),
+                contact: "[::1]:9".parse().unwrap(),
+            }),
             Frame::Data {
                 offset: Offset(77),
                 ack: Offset(88),

@@ -8,7 +8,8 @@
 //!
 //! - [`frame`]: the wire format.
 //! - [`session`]: one session (the patent's roam socket module): association, data with byte
-//!   sequence numbers and acknowledgements, freeze, re-association.
+//!   sequence numbers and acknowledgements, freeze, re-association; and [`ForwardTable`], an
+//!   endpoint's pointers to where its sessions went.
 //! - [`image`]: the versioned, integrity-checked migration image.
 //! - [`datagram`]: migrateable datagram sockets (association tables, re-association, address
 //!   translation).
@@ -54,7 +55,8 @@ pub use datagram::{
 pub use frame::{Frame, FrameError, RefuseReason};
 pub use image::{ImageError, StreamImage};
 pub use session::{
-    Associating, Event, FreezeError, HandshakeError, LocalInfo, PeerInfo, ProtocolViolation,
-    ReadError, Session, SessionConfig, SessionError, Stats, Transmit, WriteError,
+    Associating, Event, ForwardTable, FreezeError, HandshakeError, LocalInfo, PeerInfo,
+    ProtocolViolation, ReadError, Session, SessionConfig, SessionError, Stats, Transmit,
+    WriteError, MAX_REDIRECTS,
 };
 pub use types::{ConnId, EndpointId, Entropy, Epoch, Offset, SessionId, SocketId};

@@ -7,14 +7,15 @@
 //! - **`handle_*`**: [`Session::handle_frame`] for frames read from the current connection,
 //!   [`Session::handle_timeout`] when [`Session::poll_timeout`] expires,
 //!   [`Session::handle_connection_lost`], and the re-association steps
-//!   ([`Session::start_reassoc`] / [`Session::handle_accept`] on the dialing side,
-//!   [`Session::handle_reassoc`] / [`Session::handle_confirm`] on the listening side);
+//!   ([`Session::start_reassoc`] / [`Session::handle_accept`] / [`Session::handle_moved`] on the
+//!   dialing side, [`Session::handle_reassoc`] / [`Session::handle_confirm`] on the listening
+//!   side);
 //! - **commands** from the application: [`Session::write`], [`Session::read`],
 //!   [`Session::shutdown_write`], [`Session::detach`], [`Session::freeze`];
 //! - **`poll_*`**: [`Session::poll_transmit`] until it returns `None`, then
 //!   [`Session::poll_event`] until `None`, then [`Session::poll_timeout`] to arm the timer.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -22,8 +23,8 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use crate::crypto::{self, Ephemeral, SessionKey};
 use crate::frame::{
-    data_header, Accept, Confirm, Frame, Hello, Reassoc, RefuseReason, Welcome, DATA_HEADER_LEN,
-    MAX_FRAME_BODY,
+    data_header, Accept, Confirm, Frame, Hello, Moved, Reassoc, RefuseReason, Welcome,
+    DATA_HEADER_LEN, MAX_FRAME_BODY,
 };
 use crate::image::StreamImage;
 use crate::types::{ConnId, EndpointId, Entropy, Epoch, Offset, SessionId};
@@ -31,6 +32,10 @@ use crate::types::{ConnId, EndpointId, Entropy, Epoch, Offset, SessionId};
 /// Every receiver accepts at least this many bytes beyond its read offset before it has
 /// advertised a window (PROTOCOL.md §4.2).
 pub const MIN_WINDOW: u64 = 64 * 1024;
+
+/// Consecutive `Moved` answers a dialer follows at once; beyond this it waits its redial backoff
+/// before each further redirected dial, so a forwarding loop cannot spin (PROTOCOL.md §5.4).
+pub const MAX_REDIRECTS: u32 = 4;
 
 const LABEL_WELCOME: &[u8] = b"roam/v1/welcome";
 const LABEL_REASSOC: &[u8] = b"roam/v1/reassoc";
@@ -302,6 +307,105 @@ impl Transmit {
     }
 }
 
+/// Where sessions that left an endpoint went: the endpoint's forwarding pointers
+/// (PROTOCOL.md §5.4). A `Reassoc` for a session the endpoint no longer hosts is answered with
+/// `Moved` to the recorded address instead of `Refuse(unknown session)`.
+///
+/// Bounded ([`ForwardTable::new`]'s capacity; the oldest entry is evicted first) and expiring
+/// (each entry lives `ttl` after it was recorded). Like the rest of this crate it reads no
+/// clock: the driver passes `now`.
+#[derive(Debug, Clone)]
+pub struct ForwardTable {
+    capacity: usize,
+    ttl: Duration,
+    /// Session → (where it went, when the entry expires, insertion number).
+    entries: HashMap<SessionId, (SocketAddr, Instant, u64)>,
+    /// Insertion order, oldest first; entries whose number no longer matches are stale.
+    order: VecDeque<(SessionId, u64)>,
+    next: u64,
+}
+
+impl ForwardTable {
+    /// Default number of entries an endpoint keeps: 65,536.
+    pub const DEFAULT_CAPACITY: usize = 65_536;
+    /// Default lifetime of an entry: 5 minutes.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
+
+    /// An empty table holding at most `capacity` (at least 1) entries for `ttl` each.
+    pub fn new(capacity: usize, ttl: Duration) -> ForwardTable {
+        ForwardTable {
+            capacity: capacity.max(1),
+            ttl,
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+            next: 0,
+        }
+    }
+
+    /// Record at `now` that `session` went to the endpoint at `to` (replacing an older entry
+    /// for it), evicting the oldest entry if the table is full.
+    pub fn insert(&mut self, now: Instant, session: SessionId, to: SocketAddr) {
+        self.expire(now);
+        self.next += 1;
+        self.entries
+            .insert(session, (to, now + self.ttl, self.next));
+        self.order.push_back((session, self.next));
+        while self.entries.len() > self.capacity {
+            self.pop_oldest();
+        }
+        if self.order.len() > 2 * self.capacity {
+            let entries = &self.entries;
+            self.order
+                .retain(|(id, n)| entries.get(id).is_some_and(|e| e.2 == *n));
+        }
+    }
+
+    /// Where `session` went, if recorded and not expired at `now`.
+    pub fn get(&mut self, now: Instant, session: &SessionId) -> Option<SocketAddr> {
+        self.expire(now);
+        self.entries.get(session).map(|e| e.0)
+    }
+
+    /// Forget `session` (it lives here again).
+    pub fn remove(&mut self, session: &SessionId) {
+        self.entries.remove(session);
+    }
+
+    /// Entries held (some may have expired since the last call that took a `now`).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Drop the oldest entries while they have expired. All entries live equally long, so
+    /// insertion order is expiry order.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(id, n)) = self.order.front() {
+            match self.entries.get(&id) {
+                Some(e) if e.2 == n && e.1 > now => return,
+                Some(e) if e.2 == n => {
+                    self.entries.remove(&id);
+                }
+                _ => {}
+            }
+            self.order.pop_front();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        while let Some((id, n)) = self.order.pop_front() {
+            if self.entries.get(&id).is_some_and(|e| e.2 == n) {
+                self.entries.remove(&id);
+                return;
+            }
+        }
+    }
+}
+
 /// Proof that the peer demonstrated possession of the session key on a connection. Only the
 /// verification paths in this module can make one, and a connection becomes current only with
 /// one (PROTOCOL.md §5.2).
@@ -342,7 +446,10 @@ struct Pending {
 
 /// A dialer-side re-association in flight.
 struct Dialing {
+    /// Where this dial goes: the peer's contact address, or a `Moved` redirect.
+    addr: SocketAddr,
     conn: Option<ConnId>,
+    /// Set once our `Reassoc` is on the wire ([`Session::start_reassoc`]).
     eph: Option<Ephemeral>,
     reassoc_signed: Vec<u8>,
 }
@@ -414,6 +521,11 @@ pub struct Session {
     /// `Confirm` reached it, its image still holds this epoch.
     unconfirmed: Option<(Epoch, SessionKey)>,
     dialing: Option<Dialing>,
+    /// Where the next dial goes instead of `peer.contact`: learned from an (unauthenticated)
+    /// `Moved`, dropped when a dial there fails, adopted as the contact once it succeeds.
+    redirect: Option<SocketAddr>,
+    /// `Moved` answers followed since the last successful re-association (PROTOCOL.md §5.4).
+    redirects: u32,
     link: Option<Link>,
     /// This side opened the current (or last) connection, so it redials after a loss.
     dialer: bool,
@@ -495,6 +607,8 @@ impl Session {
             pending: VecDeque::new(),
             unconfirmed: None,
             dialing: None,
+            redirect: None,
+            redirects: 0,
             link: None,
             dialer: false,
             peer_migrating: false,
@@ -629,6 +743,15 @@ impl Session {
     /// The configuration in force.
     pub fn config(&self) -> &SessionConfig {
         &self.config
+    }
+
+    /// A fingerprint of the current session key (an HMAC under it, which reveals nothing of
+    /// the key): equal at both ends exactly when they hold the same key.
+    pub fn key_fingerprint(&self) -> [u8; 16] {
+        let m = crypto::mac(&self.key, b"roam/v1/fingerprint", &[]);
+        let mut f = [0u8; 16];
+        f.copy_from_slice(&m[..16]);
+        f
     }
 
     /// The connection currently carrying the session, if any.
@@ -879,7 +1002,10 @@ impl Session {
             return Ok(());
         }
         link.last_rx = now;
-        self.unconfirmed = None;
+        if !matches!(frame, Frame::Refuse(_)) {
+            // The peer installed the connection (a refusal says it did not).
+            self.unconfirmed = None;
+        }
         let r = self.on_link_frame(now, frame);
         if r.is_err() {
             self.lose_link(now, true);
@@ -1054,7 +1180,29 @@ impl Session {
         // dialer has already ratcheted and comes back at the next epoch under that key.
         if self.link.is_some_and(|l| l.conn == conn) {
             self.lose_link(now, false);
+        } else if self.pending.iter().any(|p| p.conn == conn) {
+            self.pending_conn_gone(now);
         }
+    }
+
+    /// A connection on which we answered a `Reassoc` ended before its `Confirm` made it
+    /// current. If we had put our own redial off for it (PROTOCOL.md §5.5), redial after the
+    /// usual backoff: the peer redials too if it is still there, and the tie-break settles it.
+    fn pending_conn_gone(&mut self, now: Instant) {
+        if self.waiting_to_redial() {
+            let t = now + self.backoff;
+            self.next_dial = Some(self.next_dial.map_or(t, |d| d.min(t)));
+        }
+    }
+
+    /// This side redials (it dialed last) and has neither a connection nor a dial in flight.
+    fn waiting_to_redial(&self) -> bool {
+        self.dialer
+            && self.phase == Phase::Open
+            && self.link.is_none()
+            && self.dialing.is_none()
+            && !self.peer_migrating
+            && self.down_since.is_some()
     }
 
     fn lose_link(&mut self, now: Instant, close: bool) {
@@ -1091,16 +1239,29 @@ impl Session {
     }
 
     /// A dial or a re-association attempt failed (connection refused, handshake timeout,
-    /// `Refuse(Busy)`); try again after a backoff.
+    /// `Refuse(Busy)`); try again after a backoff. Does nothing if no dial is in flight (it was
+    /// abandoned meanwhile: PROTOCOL.md §5.5). A redirect this dial tried (§5.4) is dropped:
+    /// the next dial goes to the peer's last authenticated contact address.
     pub fn handle_dial_failed(&mut self, now: Instant) {
-        if let Some(d) = self.dialing.take() {
-            if let Some(c) = d.conn {
-                self.events.push_back(Event::CloseConnection(c));
-            }
+        let Some(d) = self.dialing.take() else {
+            return;
+        };
+        if let Some(c) = d.conn {
+            self.events.push_back(Event::CloseConnection(c));
+        }
+        // A redirect learned while this dial was under way (from the peer's own request,
+        // §5.5) is tried at once; one that this dial already tried is dropped.
+        let fresh = self.redirect.is_some_and(|r| r != d.addr);
+        if !fresh {
+            self.redirect = None;
         }
         if self.phase == Phase::Open && self.link.is_none() && !self.peer_migrating {
-            self.next_dial = Some(now + self.backoff);
-            self.backoff = (self.backoff * 2).min(self.config.redial_max);
+            if fresh {
+                self.next_dial = Some(now);
+            } else {
+                self.next_dial = Some(now + self.backoff);
+                self.backoff = (self.backoff * 2).min(self.config.redial_max);
+            }
         }
     }
 
@@ -1120,6 +1281,21 @@ impl Session {
             // Transient: the peer may be mid-migration itself or at a limit.
             RefuseReason::Busy | RefuseReason::UnknownSession | RefuseReason::Closed => {
                 self.handle_dial_failed(now)
+            }
+            // We dialed under the key of our last re-association, and the peer knows neither it
+            // nor its pending form: it froze before our Confirm reached it (§5.2), and its image
+            // holds the previous epoch. Step back to it, once, and dial again at once.
+            RefuseReason::BadProof if self.unconfirmed.is_some() => {
+                if let Some((epoch, key)) = self.unconfirmed.take() {
+                    self.epoch = epoch;
+                    self.key = key;
+                    self.pending.clear();
+                }
+                self.redirect = None;
+                self.handle_dial_failed(now);
+                if self.next_dial.is_some() {
+                    self.next_dial = Some(now);
+                }
             }
             _ => {
                 self.dialing = None;
@@ -1158,22 +1334,32 @@ impl Session {
             }
             if self.next_dial.is_some_and(|t| t <= now) && self.dialing.is_none() {
                 self.next_dial = None;
+                let addr = self.redirect.unwrap_or(self.peer.contact);
                 self.dialing = Some(Dialing {
+                    addr,
                     conn: None,
                     eph: None,
                     reassoc_signed: Vec::new(),
                 });
-                self.events.push_back(Event::Dial(self.peer.contact));
+                self.events.push_back(Event::Dial(addr));
             }
         }
     }
 
     // ------------------------------------------------------ re-association (§5.2)
 
+    /// Whether a dial asked for by [`Event::Dial`] is still wanted and has not started. A
+    /// driver checks it (under the same lock) before [`Session::start_reassoc`]: the session
+    /// abandons a dial when it answers the peer's own re-association first (PROTOCOL.md §5.5).
+    pub fn is_dialing(&self) -> bool {
+        self.dialing.as_ref().is_some_and(|d| d.eph.is_none())
+    }
+
     /// Dialing side: a connection asked for by [`Event::Dial`] is open as `conn`; returns the
     /// `Reassoc` to send on it.
     pub fn start_reassoc(&mut self, now: Instant, conn: ConnId, entropy: &Entropy) -> Frame {
         let _ = now;
+        let addr = self.dialing.as_ref().map_or(self.peer.contact, |d| d.addr);
         let eph = Ephemeral::new(entropy.secret);
         let mut r = Reassoc {
             session: self.id,
@@ -1188,11 +1374,42 @@ impl Session {
         let signed = r.signed();
         r.mac = crypto::mac(&self.key, LABEL_REASSOC, &[&signed]);
         self.dialing = Some(Dialing {
+            addr,
             conn: Some(conn),
             eph: Some(eph),
             reassoc_signed: signed,
         });
         Frame::Reassoc(r)
+    }
+
+    /// Dialing side: the endpoint we dialed answered our `Reassoc` on `conn` with `Moved`: the
+    /// session went to `moved.contact` (PROTOCOL.md §5.4). Close `conn`; the session dials the
+    /// new address at once, or after its redial backoff once it has followed
+    /// [`MAX_REDIRECTS`] redirects in a row without re-associating. `Moved` is not
+    /// authenticated: it only changes where the next dial goes, and a redirect that fails is
+    /// dropped for the last authenticated contact address.
+    pub fn handle_moved(&mut self, now: Instant, conn: ConnId, moved: &Moved) {
+        if self.dialing.as_ref().is_none_or(|d| d.conn != Some(conn)) {
+            return;
+        }
+        if moved.session != self.id || moved.contact == self.local.contact {
+            // Not an answer about this session, or pointing back at ourselves.
+            self.handle_dial_failed(now);
+            return;
+        }
+        self.dialing = None;
+        self.events.push_back(Event::CloseConnection(conn));
+        if self.phase != Phase::Open || self.link.is_some() || self.peer_migrating {
+            return;
+        }
+        self.redirect = Some(moved.contact);
+        self.redirects = self.redirects.saturating_add(1);
+        if self.redirects <= MAX_REDIRECTS {
+            self.next_dial = Some(now);
+        } else {
+            self.next_dial = Some(now + self.backoff);
+            self.backoff = (self.backoff * 2).min(self.config.redial_max);
+        }
     }
 
     /// Dialing side: the listener answered on `conn`. On success `conn` becomes current and
@@ -1223,8 +1440,10 @@ impl Session {
         let (Some(eph), signed) = (d.eph, d.reassoc_signed) else {
             return Err(RefuseReason::Protocol);
         };
+        let addr = d.addr;
         let fail = |s: &mut Session, r| {
             s.dialing = Some(Dialing {
+                addr,
                 conn: Some(conn),
                 eph: None,
                 reassoc_signed: Vec::new(),
@@ -1248,6 +1467,11 @@ impl Session {
         };
         let prev = (self.epoch, std::mem::replace(&mut self.key, next));
         self.epoch = self.epoch.next();
+        // Keys we accepted from the peer were derived from the key we just replaced: no
+        // request can complete them any more (PROTOCOL.md §5.5).
+        self.pending.clear();
+        // The Accept proves the key holder answered at the address we dialed (§5.4).
+        self.peer.contact = addr;
         // ack_in_range checked above, so this cannot fail.
         let _ = self.on_ack(accept.recv);
         self.stats.reassociations += 1;
@@ -1267,7 +1491,12 @@ impl Session {
     /// Listening side: a `Reassoc` for this session arrived on a new connection `conn`.
     /// Returns the `Accept` to send, or why it is refused (send `Refuse` and close).
     ///
-    /// Nothing changes for the current connection until [`Session::handle_confirm`].
+    /// Nothing changes for the current connection until [`Session::handle_confirm`]. If this
+    /// side has its own re-association in flight, the endpoint ids decide which one goes on
+    /// (PROTOCOL.md §5.5): ours (the request is refused `Busy`, nothing changes) or the peer's
+    /// (our dial is abandoned: its connection is closed and a late `Accept` on it is ignored).
+    /// The driver must report the end of `conn` before its `Confirm` (including a handshake
+    /// timeout) with [`Session::handle_connection_lost`].
     pub fn handle_reassoc(
         &mut self,
         now: Instant,
@@ -1275,14 +1504,26 @@ impl Session {
         req: &Reassoc,
         entropy: &Entropy,
     ) -> Result<Frame, RefuseReason> {
-        let _ = now;
         if self.phase != Phase::Open {
             return Err(RefuseReason::Closed);
         }
         if req.session != self.id {
             return Err(RefuseReason::UnknownSession);
         }
+        // §5.5: both ends re-associating at once. Our request is on the wire and our endpoint
+        // id is the greater one: ours goes on, and the peer answers it. Decided before anything
+        // changes here, so the peer's request cannot move our key or epoch meanwhile.
         let signed = req.signed();
+        if self.dialing.as_ref().is_some_and(|d| d.eph.is_some())
+            && self.local.endpoint >= req.endpoint
+        {
+            if req.endpoint != self.local.endpoint && self.request_verifies(req, &signed) {
+                // The peer proved it is at `req.contact`. If our dial went elsewhere (its old
+                // address) and fails, the next one goes there at once.
+                self.redirect = Some(req.contact);
+            }
+            return Err(RefuseReason::Busy);
+        }
         if req.epoch < self.epoch {
             // The peer accepted our last re-association but froze before our Confirm arrived:
             // its image is one epoch behind. Step back, once (not for our own reflected request).
@@ -1291,6 +1532,12 @@ impl Session {
                     && req.endpoint != self.local.endpoint
                     && crypto::verify(key, LABEL_REASSOC, &[&signed], &req.mac)
             });
+            if step_back && self.link.is_some() {
+                // The connection our Confirm went out on is still up: the peer may yet install
+                // it (this request may be one it sent before answering ours and then
+                // abandoned, §5.5). Not now; a frozen peer's connection ends soon.
+                return Err(RefuseReason::Busy);
+            }
             // Checked just above.
             let Some((epoch, key)) = self.unconfirmed.take().filter(|_| step_back) else {
                 return Err(RefuseReason::StaleEpoch);
@@ -1337,6 +1584,16 @@ impl Session {
         if self.pending.len() >= self.config.max_pending_reassoc {
             self.pending.pop_front();
         }
+        // §5.5: the peer's request goes on. Abandon our own dial, and put off our redial while
+        // this one completes (it comes back sooner if the connection dies before the Confirm).
+        if let Some(d) = self.dialing.take() {
+            if let Some(c) = d.conn {
+                self.events.push_back(Event::CloseConnection(c));
+            }
+        }
+        if self.waiting_to_redial() {
+            self.next_dial = Some(now + self.config.idle_timeout);
+        }
         self.pending.push_back(Pending {
             conn,
             epoch: self.epoch.next(),
@@ -1350,6 +1607,20 @@ impl Session {
             peer_recv: req.recv,
         });
         Ok(Frame::Accept(accept))
+    }
+
+    /// Whether `req` carries a valid proof under any key this side could continue with.
+    fn request_verifies(&self, req: &Reassoc, signed: &[u8]) -> bool {
+        let ok = |key: &SessionKey| crypto::verify(key, LABEL_REASSOC, &[signed], &req.mac);
+        (req.epoch == self.epoch && ok(&self.key))
+            || self
+                .unconfirmed
+                .as_ref()
+                .is_some_and(|(e, k)| *e == req.epoch && ok(k))
+            || self
+                .pending
+                .iter()
+                .any(|p| p.epoch == req.epoch && ok(&p.key))
     }
 
     fn promote(&mut self, p: Pending) {
@@ -1369,7 +1640,10 @@ impl Session {
         frame: Frame,
     ) -> Result<(), RefuseReason> {
         let Frame::Confirm(c) = frame else {
-            self.pending.retain(|p| p.conn != conn);
+            if self.pending.iter().any(|p| p.conn == conn) {
+                self.pending.retain(|p| p.conn != conn);
+                self.pending_conn_gone(now);
+            }
             return Err(RefuseReason::Protocol);
         };
         if self.phase != Phase::Open {
@@ -1381,6 +1655,7 @@ impl Session {
         // Index from position.
         let p = self.pending.remove(i).expect("index from position");
         if p.epoch != self.epoch.next() {
+            self.pending_conn_gone(now);
             return Err(RefuseReason::StaleEpoch);
         }
         if !crypto::verify(
@@ -1389,6 +1664,7 @@ impl Session {
             &[&p.reassoc_signed, &p.accept_signed],
             &c.mac,
         ) {
+            self.pending_conn_gone(now);
             return Err(RefuseReason::BadProof);
         }
         let peer_recv = p.peer_recv;
@@ -1401,6 +1677,8 @@ impl Session {
 
     fn install_link(&mut self, _proof: ProofOfKey, now: Instant, conn: ConnId, dialer: bool) {
         self.unconfirmed = None;
+        self.redirect = None;
+        self.redirects = 0;
         if let Some(old) = self.link.take() {
             self.events.push_back(Event::CloseConnection(old.conn));
         }
@@ -1419,7 +1697,12 @@ impl Session {
         self.peer_migrating = false;
         self.down_since = None;
         self.next_dial = None;
-        self.dialing = None;
+        if let Some(c) = self.dialing.take().and_then(|d| d.conn) {
+            // A dial of ours lost the race to this connection (PROTOCOL.md §5.5).
+            if c != conn {
+                self.events.push_back(Event::CloseConnection(c));
+            }
+        }
         self.backoff = self.config.redial_initial;
         // Replay everything the peer has not acknowledged (PROTOCOL.md §6.4).
         self.tx_next = self.tx_acked;

@@ -6,8 +6,9 @@
 //! the driver's role described in the `session` module docs: frames travel as encoded bytes
 //! through two directional pipes per connection with a latency, are delivered in randomly split
 //! chunks (so `Frame::decode` sees partial frames) and are dispatched to `handle_frame`, or to the
-//! handshake calls (`accept_hello`, `handle_reassoc`, `handle_confirm`, `handle_accept`) while a
-//! connection is still being set up. `Event::Dial` opens a connection to whichever host owns the
+//! handshake calls (`accept_hello`, `handle_reassoc`, `handle_confirm`, `handle_accept`,
+//! `handle_moved`) while a connection is still being set up. A host whose session left answers a
+//! `Reassoc` for it from its forwarding table (`Moved`), as an endpoint does. `Event::Dial` opens a connection to whichever host owns the
 //! contact address; `Event::CloseConnection` closes the local end (the other end reads EOF after
 //! the bytes already in flight and reports `handle_connection_lost`).
 //!
@@ -21,9 +22,10 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use roam_proto::frame::Moved;
 use roam_proto::{
-    Associating, ConnId, EndpointId, Entropy, Epoch, Event, Frame, LocalInfo, ReadError,
-    RefuseReason, Session, SessionConfig, SessionId, StreamImage, WriteError,
+    Associating, ConnId, EndpointId, Entropy, Epoch, Event, ForwardTable, Frame, LocalInfo,
+    ReadError, RefuseReason, Session, SessionConfig, SessionId, StreamImage, WriteError,
 };
 use sha2::{Digest, Sha256};
 
@@ -99,6 +101,14 @@ pub struct Node {
     pub accept_errors: Vec<RefuseReason>,
     /// Protocol violations and decode errors seen on this host's connections.
     pub violations: Vec<String>,
+    /// Where sessions that left this host went (answered with `Moved`).
+    pub forwards: ForwardTable,
+    /// `Moved` answers this host sent.
+    pub moved_sent: usize,
+    /// `Moved` answers this host's session received while dialing.
+    pub moved_received: Vec<Moved>,
+    /// One-way latency of connections this host dials (instead of [`World::latency`]).
+    pub dial_latency: Option<Duration>,
 }
 
 /// The simulated network and its virtual clock.
@@ -130,6 +140,9 @@ pub struct World {
     pub frames_seen: BTreeMap<&'static str, usize>,
     /// Times a decode found an incomplete frame at the end of a delivered chunk.
     pub partial_reads: usize,
+    /// Faults: when host `.0` is about to receive a frame of kind `.1` on a handshake, the
+    /// connection is killed instead (both ends see a reset). Each entry fires once.
+    pub kill_before: Vec<(NodeId, &'static str)>,
 }
 
 /// Name of a frame's kind.
@@ -141,6 +154,7 @@ pub fn kind(f: &Frame) -> &'static str {
         Frame::Accept(_) => "Accept",
         Frame::Confirm(_) => "Confirm",
         Frame::Refuse(_) => "Refuse",
+        Frame::Moved(_) => "Moved",
         Frame::Data { .. } => "Data",
         Frame::Ack { .. } => "Ack",
         Frame::Fin { .. } => "Fin",
@@ -198,6 +212,7 @@ impl World {
             captured_reassoc: Vec::new(),
             frames_seen: BTreeMap::new(),
             partial_reads: 0,
+            kill_before: Vec::new(),
         }
     }
 
@@ -223,6 +238,10 @@ impl World {
             refusals_sent: Vec::new(),
             accept_errors: Vec::new(),
             violations: Vec::new(),
+            forwards: ForwardTable::new(ForwardTable::DEFAULT_CAPACITY, ForwardTable::DEFAULT_TTL),
+            moved_sent: 0,
+            moved_received: Vec::new(),
+            dial_latency: None,
         });
         i
     }
@@ -259,6 +278,7 @@ impl World {
     // ------------------------------------------------------------------ connections
 
     fn open_conn(&mut self, from: NodeId, to: NodeId, s0: Stage, s1: Stage) -> ConnId {
+        let latency = self.nodes[from].dial_latency.unwrap_or(self.latency);
         let id = ConnId(self.next_conn);
         self.next_conn += 1;
         let end = |node, stage| End {
@@ -273,7 +293,7 @@ impl World {
             id,
             Conn {
                 ends: [end(from, s0), end(to, s1)],
-                latency: self.latency,
+                latency,
                 blackholed: false,
             },
         );
@@ -450,6 +470,18 @@ impl World {
     /// Write more bytes on a raw connection.
     pub fn send_raw(&mut self, c: ConnId, bytes: &[u8]) {
         self.send_end(c, 0, bytes.to_vec());
+    }
+
+    /// Write `frame` on `c` from its accepting end towards the dialer, ahead of anything the
+    /// accepting host has not sent yet (an on-path attacker answering first).
+    pub fn answer_first(&mut self, c: ConnId, frame: &Frame) {
+        self.send_frame(c, 1, frame);
+    }
+
+    /// Host `old` remembers that `session` went to host `to` (what `Endpoint::forward` does).
+    pub fn forward(&mut self, old: NodeId, session: SessionId, to: SocketAddr) {
+        let now = self.now;
+        self.nodes[old].forwards.insert(now, session, to);
     }
 
     /// Frames received on a raw connection.
@@ -874,6 +906,20 @@ impl World {
     fn dispatch(&mut self, c: ConnId, e: usize, frame: Frame) {
         let now = self.now;
         let node = self.conns[&c].ends[e].node;
+        let handshake = !matches!(
+            self.conns[&c].ends[e].stage,
+            Stage::Established | Stage::Raw
+        );
+        if let Some(i) = self
+            .kill_before
+            .iter()
+            .position(|(n, k)| *n == node && *k == kind(&frame))
+            .filter(|_| handshake)
+        {
+            self.kill_before.remove(i);
+            self.kill(c);
+            return;
+        }
         let stage = std::mem::replace(
             &mut self.conns.get_mut(&c).expect("conn").ends[e].stage,
             Stage::Dead,
@@ -908,10 +954,29 @@ impl World {
                 }
                 Frame::Reassoc(r) => {
                     let entropy = self.entropy();
-                    let res = match self.nodes[node].session.as_mut() {
-                        Some(s) => s.handle_reassoc(now, c, &r, &entropy),
-                        None => Err(RefuseReason::UnknownSession),
+                    let here = self.nodes[node]
+                        .session
+                        .as_ref()
+                        .is_some_and(|s| s.id() == r.session);
+                    let moved = match here {
+                        true => None,
+                        false => self.nodes[node].forwards.get(now, &r.session),
                     };
+                    let res = match (moved, self.nodes[node].session.as_mut()) {
+                        (Some(_), _) => Err(RefuseReason::UnknownSession),
+                        (None, Some(s)) => s.handle_reassoc(now, c, &r, &entropy),
+                        (None, None) => Err(RefuseReason::UnknownSession),
+                    };
+                    if let Some(contact) = moved {
+                        self.nodes[node].moved_sent += 1;
+                        let m = Frame::Moved(Moved {
+                            session: r.session,
+                            contact,
+                        });
+                        self.send_frame(c, e, &m);
+                        self.close_end(c, e);
+                        return;
+                    }
                     match res {
                         Ok(accept) => {
                             assert!(matches!(accept, Frame::Accept(_)));
@@ -947,6 +1012,17 @@ impl World {
                         Stage::Dead
                     }
                 }
+            }
+            Stage::AwaitAccept { .. } if matches!(frame, Frame::Moved(_)) => {
+                let Frame::Moved(m) = frame else {
+                    unreachable!()
+                };
+                self.nodes[node].moved_received.push(m);
+                if let Some(s) = self.nodes[node].session.as_mut() {
+                    s.handle_moved(now, c, &m);
+                }
+                self.close_end(c, e);
+                Stage::Dead
             }
             Stage::AwaitAccept { .. } => {
                 let res = match self.nodes[node].session.as_mut() {
