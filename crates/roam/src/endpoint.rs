@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use roam_proto::frame::Moved;
 use roam_proto::{
-    Associating, ConnId, EndpointId, Entropy, Frame, FrameError, LocalInfo, RefuseReason, Session,
-    SessionConfig, SessionId, StreamImage,
+    Associating, ConnId, EndpointId, Entropy, ForwardTable, Frame, FrameError, LocalInfo,
+    RefuseReason, Session, SessionConfig, SessionId, StreamImage,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -40,6 +41,11 @@ pub struct EndpointConfig {
     /// Associated streams waiting for [`Endpoint::accept`]; beyond it new associations are
     /// refused with `Busy`. Default 128.
     pub accept_backlog: usize,
+    /// Forwarding pointers ([`Endpoint::forward`]) kept at most; the oldest is dropped first.
+    /// Default 65,536.
+    pub forward_capacity: usize,
+    /// How long a forwarding pointer is kept after it was recorded. Default 5 minutes.
+    pub forward_ttl: Duration,
 }
 
 impl Default for EndpointConfig {
@@ -50,6 +56,8 @@ impl Default for EndpointConfig {
             handshake_timeout: Duration::from_secs(5),
             max_handshakes: 256,
             accept_backlog: 128,
+            forward_capacity: ForwardTable::DEFAULT_CAPACITY,
+            forward_ttl: ForwardTable::DEFAULT_TTL,
         }
     }
 }
@@ -64,6 +72,8 @@ pub struct EndpointStats {
     pub reassociations_accepted: u64,
     /// Incoming handshakes refused or dropped (bad frames, bad proofs, stale epochs, …).
     pub handshakes_rejected: u64,
+    /// Re-associations answered with `Moved` from a forwarding pointer.
+    pub forwarded: u64,
 }
 
 #[derive(Default)]
@@ -71,6 +81,7 @@ struct Counters {
     associations: AtomicU64,
     reassociations_accepted: AtomicU64,
     handshakes_rejected: AtomicU64,
+    forwarded: AtomicU64,
 }
 
 pub(crate) struct EndpointInner {
@@ -78,6 +89,7 @@ pub(crate) struct EndpointInner {
     pub(crate) local: LocalInfo,
     pub(crate) config: EndpointConfig,
     sessions: Mutex<HashMap<SessionId, SharedRef>>,
+    forwards: Mutex<ForwardTable>,
     accept_tx: mpsc::Sender<Stream>,
     accept_rx: tokio::sync::Mutex<mpsc::Receiver<Stream>>,
     next_conn: AtomicU64,
@@ -185,8 +197,12 @@ impl Endpoint {
                 endpoint: EndpointId(rand::random()),
                 contact: config.contact.unwrap_or(local_addr),
             },
-            config,
             sessions: Mutex::new(HashMap::new()),
+            forwards: Mutex::new(ForwardTable::new(
+                config.forward_capacity,
+                config.forward_ttl,
+            )),
+            config,
             accept_tx,
             accept_rx: tokio::sync::Mutex::new(accept_rx),
             next_conn: AtomicU64::new(1),
@@ -223,7 +239,32 @@ impl Endpoint {
             associations: c.associations.load(Ordering::Relaxed),
             reassociations_accepted: c.reassociations_accepted.load(Ordering::Relaxed),
             handshakes_rejected: c.handshakes_rejected.load(Ordering::Relaxed),
+            forwarded: c.forwarded.load(Ordering::Relaxed),
         }
+    }
+
+    /// Remember that `session` now lives at the endpoint whose contact address is `to`
+    /// (PROTOCOL.md §5.4): from now on a peer re-associating with it here is answered `Moved`,
+    /// and dials `to` instead of retrying here until its session times out.
+    ///
+    /// Call it on the old endpoint once a stream frozen here was thawed elsewhere (a host
+    /// daemon does this when a migration commits); with both ends of a stream moving at once,
+    /// each old endpoint forwards to its new one and the two moved ends find each other.
+    /// `to` should be the new endpoint's [`Endpoint::contact_addr`].
+    ///
+    /// Pointers are kept for [`EndpointConfig::forward_ttl`] (default 5 minutes) and at most
+    /// [`EndpointConfig::forward_capacity`] of them (default 65,536; the oldest goes first); a
+    /// later call for the same session replaces the pointer. A session still live on this
+    /// endpoint is not affected: it keeps answering its own re-associations, and the pointer
+    /// is only used once no session with that id is hosted here (so it may be recorded before
+    /// the freeze completes). Thawing the session here again removes the pointer.
+    pub fn forward(&self, session: SessionId, to: SocketAddr) {
+        let mut f = self
+            .inner
+            .forwards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f.insert(Instant::now(), session, to);
     }
 
     /// Sessions currently hosted here.
@@ -285,6 +326,11 @@ impl Endpoint {
     /// the same byte streams (PROTOCOL.md §6.3). Returns once the peer accepted.
     pub async fn thaw(&self, image: StreamImage) -> Result<Stream, ThawError> {
         let id = image.session_id();
+        self.inner
+            .forwards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         let core = Session::from_image(
             image,
             self.inner.local,
@@ -470,29 +516,55 @@ async fn handshake(ep: &Arc<EndpointInner>, mut tcp: TcpStream) -> Result<(), In
         }
         Frame::Reassoc(req) => {
             let Some(shared) = ep.lookup(&req.session) else {
+                let to = ep
+                    .forwards
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(Instant::now(), &req.session);
+                if let Some(contact) = to {
+                    // PROTOCOL.md §5.4: the session moved on from here.
+                    let moved = Frame::Moved(Moved {
+                        session: req.session,
+                        contact,
+                    });
+                    tcp.write_all(&moved.to_bytes()).await?;
+                    ep.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
                 return Err(refuse(&mut tcp, RefuseReason::UnknownSession).await);
             };
             let accept = {
                 let mut s = lock(&shared);
-                s.core
-                    .handle_reassoc(Instant::now(), conn, &req, &entropy())
+                let a = s
+                    .core
+                    .handle_reassoc(Instant::now(), conn, &req, &entropy());
+                // Abandoning our own dial (§5.5) emits events for the driver.
+                s.wake_driver();
+                a
             };
             let accept = match accept {
                 Ok(a) => a,
                 Err(r) => return Err(refuse(&mut tcp, r).await),
             };
+            // Until the Confirm makes it current, the core must hear of this connection's end
+            // however it ends (error, refusal, or the handshake timeout dropping this future).
+            let mut guard = PendingGuard {
+                shared: &shared,
+                conn,
+                armed: true,
+            };
             tcp.write_all(&accept.to_bytes()).await?;
             let confirm = read_frame(&mut tcp, &mut buf).await;
             let outcome = {
-                let mut s = lock(&shared);
                 let confirm = match confirm {
                     Ok(f) => f,
-                    Err(e) => {
-                        s.core.handle_connection_lost(Instant::now(), conn);
-                        return Err(e.into());
-                    }
+                    Err(e) => return Err(e.into()),
                 };
-                match s.core.handle_confirm(Instant::now(), conn, confirm) {
+                let mut s = lock(&shared);
+                guard.armed = false;
+                let r = s.core.handle_confirm(Instant::now(), conn, confirm);
+                s.wake_driver();
+                match r {
                     Ok(()) => {
                         s.handover = Some(Handover {
                             id: conn,
@@ -516,6 +588,24 @@ async fn handshake(ep: &Arc<EndpointInner>, mut tcp: TcpStream) -> Result<(), In
             }
         }
         _ => Err(IncomingError::Unexpected),
+    }
+}
+
+/// Tells the core that a connection on which it accepted a re-association ended before the
+/// `Confirm` (PROTOCOL.md §5.5), unless disarmed.
+struct PendingGuard<'a> {
+    shared: &'a SharedRef,
+    conn: ConnId,
+    armed: bool,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut s = lock(self.shared);
+            s.core.handle_connection_lost(Instant::now(), self.conn);
+            s.wake_driver();
+        }
     }
 }
 
@@ -553,7 +643,8 @@ async fn dial_inner(
     tcp.set_nodelay(true)?;
     let req = {
         let mut s = lock(shared);
-        if s.core.is_finished() {
+        if s.core.is_finished() || !s.core.is_dialing() {
+            // Abandoned meanwhile: the peer's own re-association went first (§5.5).
             return Ok(());
         }
         *started = true;
@@ -564,6 +655,11 @@ async fn dial_inner(
     let reply = read_frame(&mut tcp, &mut buf).await?;
     let confirm = {
         let mut s = lock(shared);
+        if let Frame::Moved(m) = &reply {
+            // §5.4: dial where the session went.
+            s.core.handle_moved(Instant::now(), conn, m);
+            return Ok(());
+        }
         match s.core.handle_accept(Instant::now(), conn, reply) {
             Ok(c) => c,
             // The core has scheduled a retry or failed the session.
