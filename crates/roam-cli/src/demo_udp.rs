@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use roam::{Datagram, DatagramImage};
 
-use crate::demo::{ms, BoxError};
+use crate::demo_sockets::{ms, BoxError};
 
 /// Readings sent before waiting for the previous window's acknowledgements.
 const WINDOW: u64 = 32;

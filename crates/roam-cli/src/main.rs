@@ -21,8 +21,9 @@ macro_rules! say {
 }
 
 mod bench;
-mod demo;
+mod demo_sockets;
 mod demo_udp;
+mod hostcmd;
 
 /// Connections that survive moving.
 #[derive(Parser, Debug)]
@@ -37,9 +38,19 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Three hosts on this machine: stream data to an echo peer, migrate the sender to a third
-    /// host mid-stream (several times), and verify every byte both ways.
-    Demo(DemoArgs),
+    /// Run a host daemon: it runs agents, receives agents that migrate in, sends agents out.
+    Host(hostcmd::HostArgs),
+    /// Start an agent on a host daemon; prints its id.
+    Run(hostcmd::RunArgs),
+    /// List agents: their host, state, sockets, peers, bytes and migrations.
+    Ps(hostcmd::PsArgs),
+    /// Move a running agent with its sockets to another host daemon.
+    Migrate(hostcmd::MigrateArgs),
+    /// Stop an agent.
+    Stop(hostcmd::StopArgs),
+    /// The socket-level demo (no daemons): stream data to an echo peer, migrate the sender to a
+    /// third host mid-stream (several times), verify every byte both ways; then UDP.
+    DemoSockets(DemoArgs),
     /// Measure roam against raw tokio TCP and UDP on loopback (baselines interleaved in the
     /// same run): throughput, latency, migration, sessions, udp.
     Bench(BenchArgs),
@@ -137,17 +148,29 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let daemon = |name: &str, r: Result<(), hostcmd::Failure>| match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(hostcmd::Failure(msg)) => {
+            eprintln!("roam {name}: {msg}");
+            ExitCode::FAILURE
+        }
+    };
     match cli.command {
-        Command::Demo(args) => {
+        Command::Host(args) => daemon("host", rt.block_on(hostcmd::host(args))),
+        Command::Run(args) => daemon("run", rt.block_on(hostcmd::run(args))),
+        Command::Ps(args) => daemon("ps", rt.block_on(hostcmd::ps(args))),
+        Command::Migrate(args) => daemon("migrate", rt.block_on(hostcmd::migrate(args))),
+        Command::Stop(args) => daemon("stop", rt.block_on(hostcmd::stop(args))),
+        Command::DemoSockets(args) => {
             if args.hosts.len() != 3 {
-                eprintln!("roam demo: --hosts needs exactly three addresses");
+                eprintln!("roam demo-sockets: --hosts needs exactly three addresses");
                 return ExitCode::from(2);
             }
-            match rt.block_on(demo::run(args)) {
+            match rt.block_on(demo_sockets::run(args)) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {
-                    eprintln!("roam demo: {e}");
+                    eprintln!("roam demo-sockets: {e}");
                     ExitCode::FAILURE
                 }
             }
