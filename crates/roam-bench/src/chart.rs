@@ -24,6 +24,26 @@ fn bytes_label(b: f64) -> String {
     }
 }
 
+/// Log-scale ticks 1, 2, 5 × 10^k covering `lo..hi`.
+fn key_points(lo: f64, hi: f64) -> Vec<f64> {
+    let mut v = Vec::new();
+    let mut decade = 10f64.powi(lo.log10().floor() as i32);
+    // Bounded: at most 12 decades.
+    for _ in 0..12 {
+        for m in [1.0, 2.0, 5.0] {
+            let t = m * decade;
+            if t >= lo && t <= hi {
+                v.push(t);
+            }
+        }
+        decade *= 10.0;
+        if decade > hi {
+            break;
+        }
+    }
+    v
+}
+
 /// The SVG chart of a [`crate::migration`] result: one x position per bytes-in-flight case
 /// (evenly spaced, labelled), migration time in ms on a log scale, roam's p50 and p99 as lines
 /// with points, and quinn's rebind p50 and p99 (the baseline of the 0-byte rows) as dashed
@@ -77,9 +97,14 @@ pub fn migration_chart(b: &Bench) -> Result<String, BoxError> {
                 ("sans-serif", 20),
             )
             .margin(16)
+            .margin_bottom(30)
             .x_label_area_size(44)
             .y_label_area_size(64)
-            .build_cartesian_2d((0..n).into_segmented(), (lo..hi).log_scale())?;
+            .build_cartesian_2d(
+                // An i32 range includes its end: one segment per case.
+                (0..n - 1).into_segmented(),
+                (lo..hi).log_scale().with_key_points(key_points(lo, hi)),
+            )?;
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -93,6 +118,7 @@ pub fn migration_chart(b: &Bench) -> Result<String, BoxError> {
                 SegmentValue::Last => String::new(),
             })
             .y_label_formatter(&|y| format!("{y}"))
+            .label_style(("sans-serif", 13))
             .draw()?;
 
         let styles = [("p50", BLUE), ("p99", RED)];
@@ -107,11 +133,23 @@ pub fn migration_chart(b: &Bench) -> Result<String, BoxError> {
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
                 });
-            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+            chart.draw_series(
+                pts.iter()
+                    .map(|p| Circle::new(p.clone(), 4, color.filled())),
+            )?;
+            chart.draw_series(pts.into_iter().map(|(x, y)| {
+                let label = format!("{y:.2}");
+                EmptyElement::at((x, y))
+                    + Text::new(
+                        label,
+                        (8, -14),
+                        ("sans-serif", 12).into_font().color(&color),
+                    )
+            }))?;
         }
         for (name, y) in &quinn {
             let color = if *name == "p50" { BLUE } else { RED };
-            let line = vec![(SegmentValue::Exact(0), *y), (SegmentValue::Exact(n), *y)];
+            let line = vec![(SegmentValue::Exact(0), *y), (SegmentValue::Last, *y)];
             chart
                 .draw_series(DashedLineSeries::new(line, 6, 4, color.mix(0.6).into()))?
                 .label(format!("quinn Endpoint::rebind {name} (nothing in flight)"))
@@ -120,9 +158,25 @@ pub fn migration_chart(b: &Bench) -> Result<String, BoxError> {
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperLeft)
+            .label_font(("sans-serif", 13))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()?;
+        let counts: Vec<String> = b
+            .rows
+            .iter()
+            .filter(|r| r.point.as_ref().is_some_and(|p| p.series == "p50"))
+            .filter_map(|r| Some(format!("{} {}", bytes_label(r.point.as_ref()?.x), r.roam.n)))
+            .collect();
+        root.draw_text(
+            &format!(
+                "migrations per case: {}; quinn rebinds: {}; loopback 127.0.0.x",
+                counts.join(", "),
+                b.rows.iter().find_map(|r| r.baseline).map_or(0, |s| s.n)
+            ),
+            &("sans-serif", 11).into_font().color(&BLACK.mix(0.6)),
+            (12, SIZE.1 as i32 - 16),
+        )?;
         root.present()?;
     }
     Ok(svg)
