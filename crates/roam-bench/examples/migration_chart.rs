@@ -1,17 +1,18 @@
 //! Run the migration benchmark and write its chart:
-//! `cargo run --release -p roam-bench --example migration_chart -- [--quick] PATH`
-//! (what `docs/migration.svg` is made with). Prints the benchmark's table too.
+//! `cargo run --release -p roam-bench --example migration_chart -- [--quick] PATH [NOTE]`
+//! (what `docs/migration.svg` is made with). NOTE is printed under the chart after the
+//! machine; the benchmark's table is printed too.
 
-use roam_bench::{BoxError, Params};
+use roam_bench::{BoxError, Machine, Params};
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<(), BoxError> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
+    args.retain(|a| a != "--quick");
     let path = args
-        .iter()
-        .find(|a| !a.starts_with("--"))
-        .ok_or("usage: migration_chart [--quick] PATH")?;
+        .first()
+        .ok_or("usage: migration_chart [--quick] PATH [NOTE]")?;
     let p = if quick {
         Params::quick()
     } else {
@@ -19,7 +20,17 @@ async fn main() -> Result<(), BoxError> {
     };
     let b = roam_bench::run("migration", &p).await?;
     print!("{}", b.table());
-    roam_bench::write_migration_chart(&[b], std::path::Path::new(path))?;
+    let m = Machine::detect();
+    let kernel = m.kernel.split_whitespace().nth(2).unwrap_or("?");
+    let mut note = format!(
+        "{}{} cpus, Linux {kernel}",
+        if quick { "--quick, " } else { "" },
+        m.cpus
+    );
+    if let Some(extra) = args.get(1) {
+        note = format!("{note}; {extra}");
+    }
+    roam_bench::write_migration_chart(&[b], std::path::Path::new(path), &note)?;
     println!("chart written to {path}");
     Ok(())
 }

@@ -47,8 +47,9 @@ fn key_points(lo: f64, hi: f64) -> Vec<f64> {
 /// The SVG chart of a [`crate::migration`] result: one x position per bytes-in-flight case
 /// (evenly spaced, labelled), migration time in ms on a log scale, roam's p50 and p99 as lines
 /// with points, and quinn's rebind p50 and p99 (the baseline of the 0-byte rows) as dashed
-/// horizontal lines.
-pub fn migration_chart(b: &Bench) -> Result<String, BoxError> {
+/// horizontal lines. `note` (e.g. where and how it was measured) is printed under the chart
+/// with the counts.
+pub fn migration_chart(b: &Bench, note: &str) -> Result<String, BoxError> {
     let series = |name: &str| -> Vec<(f64, f64)> {
         b.rows
             .iter()
@@ -97,7 +98,7 @@ pub fn migration_chart(b: &Bench) -> Result<String, BoxError> {
                 ("sans-serif", 20),
             )
             .margin(16)
-            .margin_bottom(30)
+            .margin_bottom(40)
             .x_label_area_size(44)
             .y_label_area_size(64)
             .build_cartesian_2d(
@@ -175,6 +176,11 @@ pub fn migration_chart(b: &Bench) -> Result<String, BoxError> {
                 b.rows.iter().find_map(|r| r.baseline).map_or(0, |s| s.n)
             ),
             &("sans-serif", 11).into_font().color(&BLACK.mix(0.6)),
+            (12, SIZE.1 as i32 - 30),
+        )?;
+        root.draw_text(
+            note,
+            &("sans-serif", 11).into_font().color(&BLACK.mix(0.6)),
             (12, SIZE.1 as i32 - 16),
         )?;
         root.present()?;
@@ -182,12 +188,16 @@ pub fn migration_chart(b: &Bench) -> Result<String, BoxError> {
     Ok(svg)
 }
 
-/// Write the chart of the `migration` benchmark among `benches` to `path`.
-pub fn write_migration_chart(benches: &[Bench], path: &std::path::Path) -> Result<(), BoxError> {
+/// Write the chart of the `migration` benchmark among `benches` to `path`, with `note`.
+pub fn write_migration_chart(
+    benches: &[Bench],
+    path: &std::path::Path,
+    note: &str,
+) -> Result<(), BoxError> {
     let b = benches
         .iter()
         .find(|b| b.name == "migration")
         .ok_or("the chart needs the migration benchmark (it did not run)")?;
-    std::fs::write(path, migration_chart(b)?)
+    std::fs::write(path, migration_chart(b, note)?)
         .map_err(|e| format!("writing {}: {e}", path.display()).into())
 }

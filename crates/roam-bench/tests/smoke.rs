@@ -65,14 +65,14 @@ async fn every_benchmark_runs_tiny() {
     // Four in-flight cases, p50 and p99 each, all placed for the chart.
     assert_eq!(migration.rows.len(), 8);
     assert!(migration.rows.iter().all(|r| r.point.is_some()));
-    let svg = roam_bench::migration_chart(migration).expect("chart");
+    let svg = roam_bench::migration_chart(migration, "tiny").expect("chart");
     assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{svg}");
     assert!(
         svg.contains("quinn") && svg.contains("64 KiB"),
         "labels drawn"
     );
     let path = std::env::temp_dir().join(format!("roam-bench-{}.svg", std::process::id()));
-    roam_bench::write_migration_chart(&benches, &path).expect("write chart");
+    roam_bench::write_migration_chart(&benches, &path, "").expect("write chart");
     assert!(std::fs::metadata(&path).is_ok_and(|m| m.len() > 0));
     let _ = std::fs::remove_file(&path);
     let report = Report {
