@@ -21,6 +21,7 @@ macro_rules! say {
 }
 
 mod bench;
+mod demo;
 mod demo_sockets;
 mod demo_udp;
 mod hostcmd;
@@ -38,6 +39,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The main job: three host daemons on this machine, six example agents talking across
+    /// them, migrated while they work; prints a timeline and a verification table.
+    Demo(demo::DemoArgs),
     /// Run a host daemon: it runs agents, receives agents that migrate in, sends agents out.
     Host(hostcmd::HostArgs),
     /// Start an agent on a host daemon; prints its id.
@@ -93,7 +97,7 @@ pub struct DemoArgs {
     pub collectors: u64,
 }
 
-fn loopback(s: &str) -> Result<IpAddr, String> {
+pub fn loopback(s: &str) -> Result<IpAddr, String> {
     let ip: IpAddr = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
     if !ip.is_loopback() {
         return Err(format!(
@@ -156,6 +160,14 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Demo(args) => match rt.block_on(demo::run(args)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("roam demo: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Host(args) => daemon("host", rt.block_on(hostcmd::host(args))),
         Command::Run(args) => daemon("run", rt.block_on(hostcmd::run(args))),
         Command::Ps(args) => daemon("ps", rt.block_on(hostcmd::ps(args))),
