@@ -6,6 +6,7 @@
 //! thaw, re-association), connection loss and redial, timeouts, closing, and the refusals that
 //! keep a stale or forged re-association out.
 
+mod both_move;
 mod util;
 
 use std::time::Duration;
@@ -1059,8 +1060,9 @@ fn simultaneous_freeze_of_both_ends() {
         assert_eq!(ri.stats().bytes_read, flow.received.len() as u64);
         assert_eq!(received, acked, "{}", flow.name);
     }
-    // Thawing both needs a rendezvous, which is out of scope: each image only knows the other's
-    // old address, so two thawed sessions look for each other in vain until the session timeout.
+    // Without forwarding pointers (PROTOCOL.md §5.4; see `both_move.rs` for the rendezvous) each
+    // image only knows the other's old address, so two thawed sessions look for each other in
+    // vain until the session timeout.
     let c = w.thaw(&ia.to_bytes(), "C");
     let d = w.thaw(&ib.to_bytes(), "D");
     w.run_for(w.config.session_timeout + Duration::from_secs(1));
