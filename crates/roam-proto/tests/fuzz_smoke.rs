@@ -19,7 +19,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use proptest::prelude::*;
 use roam_proto::datagram::{dkind, Packet};
-use roam_proto::frame::{Accept, Confirm, Hello, Reassoc, Welcome};
+use roam_proto::frame::{Accept, Confirm, Hello, Moved, Reassoc, Welcome};
 use roam_proto::{
     Associating, ConnId, EndpointId, Entropy, Epoch, Frame, LocalInfo, Offset, RefuseReason,
     Session, SessionConfig, SessionId, StreamImage,
@@ -119,6 +119,10 @@ fn frame() -> impl Strategy<Value = Frame> {
             })),
         any::<[u8; 32]>().prop_map(|mac| Frame::Confirm(Confirm { mac })),
         refuse().prop_map(Frame::Refuse),
+        (any::<[u8; 16]>(), addr()).prop_map(|(s, contact)| Frame::Moved(Moved {
+            session: SessionId(s),
+            contact
+        })),
         (
             off(),
             off(),
@@ -558,6 +562,10 @@ fn write_seed_corpus() {
         Frame::Freeze { ack: Offset(7) },
         Frame::FreezeAck { ack: Offset(8) },
         Frame::Ping,
+        Frame::Moved(Moved {
+            session: SessionId([18; 16]),
+            contact: "127.0.0.4:7001".parse().unwrap(),
+        }),
     ];
     let mut all = Vec::new();
     for (i, f) in frames.iter().enumerate() {
