@@ -40,6 +40,17 @@ pub async fn run(args: BenchArgs) -> Result<(), roam_bench::BoxError> {
         print(&bench.table());
         benches.push(bench);
     }
+    if let Some(path) = &args.chart {
+        let note = format!(
+            "{} CPUs, kernel {}{}",
+            machine.cpus,
+            machine.kernel,
+            if args.quick { ", --quick" } else { "" }
+        );
+        roam_bench::write_migration_chart(&benches, path, &note)
+            .map_err(|e| format!("chart {}: {e}", path.display()))?;
+        print(&format!("chart written to {}\n", path.display()));
+    }
     if args.json {
         let report = Report {
             machine,

@@ -72,6 +72,9 @@ pub struct BenchArgs {
     /// Run only this benchmark.
     #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(roam_bench::NAMES))]
     pub only: Option<String>,
+    /// Also draw migration time against bytes in flight (SVG) to this file.
+    #[arg(long, value_name = "PATH")]
+    pub chart: Option<std::path::PathBuf>,
 }
 
 /// Options of `roam demo`.

@@ -177,6 +177,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) struct HostShared {
     pub(crate) addr: SocketAddr,
     pub(crate) endpoint: Endpoint,
+    /// Where streams go whose peer end runs on `endpoint` (see `thaw_stream`).
+    aux: tokio::sync::Mutex<Option<Endpoint>>,
     config: HostConfig,
     services: Mutex<HashMap<String, mpsc::Sender<Stream>>>,
     agents: Mutex<BTreeMap<String, Arc<Record>>>,
@@ -201,6 +203,17 @@ impl HostShared {
         lock(&self.services)
             .get(service)
             .is_none_or(|s| s.is_closed())
+    }
+
+    /// The second endpoint (bound on first use).
+    async fn aux_endpoint(&self) -> Result<Endpoint, roam::BindError> {
+        let mut aux = self.aux.lock().await;
+        if let Some(e) = aux.as_ref() {
+            return Ok(e.clone());
+        }
+        let e = Endpoint::bind(SocketAddr::new(self.addr.ip(), 0)).await?;
+        *aux = Some(e.clone());
+        Ok(e)
     }
 
     fn crash(&self, point: CrashPoint) {
@@ -280,6 +293,7 @@ impl Host {
         let shared = Arc::new(HostShared {
             addr: endpoint.local_addr(),
             endpoint,
+            aux: tokio::sync::Mutex::new(None),
             config,
             services: Mutex::new(HashMap::new()),
             agents: Mutex::new(BTreeMap::new()),
@@ -651,8 +665,10 @@ impl Host {
         let _ = progress.send(Progress::Prepared { transfer_us }).await;
         sh.crash(CrashPoint::SourceAfterPrepared);
 
-        // 4. Decide. From here on the agent belongs to the destination.
+        // 4. Decide. From here on the agent belongs to the destination; peers that come
+        //    looking for its streams here are sent there.
         lock(&sh.txns).insert(txn, TxnOutcome::Committed);
+        forward_sessions(sh, &transfer, to);
         let t2 = Instant::now();
         let commit_sent = ch.send(&Msg::Commit { txn }).await;
         sh.crash(CrashPoint::SourceAfterCommit);
@@ -663,9 +679,18 @@ impl Host {
         let (thaw_us, contact) = match started {
             Some(s) => s,
             None => {
-                // The channel broke after the decision: ask the destination what it did.
-                match self.query(to, txn).await {
-                    Some(TxnOutcome::Committed) => (0, to),
+                // The channel broke after the decision: ask the destination what it did
+                // (while it is prepared, our Commit is still on its way, or it will ask us).
+                let mut outcome = self.query(to, txn).await;
+                for _ in 0..50 {
+                    if outcome != Some(TxnOutcome::Prepared) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    outcome = self.query(to, txn).await;
+                }
+                match outcome {
+                    Some(TxnOutcome::Committed | TxnOutcome::Prepared) => (0, to),
                     _ => {
                         // It is gone (or forgot): resume here. Its copy died with it, or if it
                         // had re-associated the streams already, ours fail with StaleEpoch.
@@ -686,7 +711,7 @@ impl Host {
         let _ = progress.send(Progress::Started { thaw_us }).await;
         // The agent's task ends: it will not be resumed here.
         drop((agent, resume));
-        forward_sessions(sh, &transfer, contact);
+        let _ = contact;
         rec.migrations.fetch_add(1, Ordering::Relaxed);
         lock(&rec.hosts).push(to);
         *lock(&rec.phase) = Phase::Done(AgentState::Moved(to));
@@ -998,20 +1023,31 @@ async fn thaw_context(
             tracing::warn!(service = %s, error = %e, "service could not be registered");
         }
     }
+    // Streams re-associate concurrently (each thaw waits for its peer).
+    let mut set = JoinSet::new();
     for (name, img) in d.streams {
-        match sh.endpoint.thaw(img).await {
-            Ok(s) => cx.insert_stream(name, s),
-            Err(e) => tracing::warn!(%name, error = %e, "stream could not be thawed"),
-        }
+        let sh = sh.clone();
+        set.spawn(async move { (Some(name), None, thaw_stream(&sh, img).await) });
     }
     for (service, img) in d.pending {
-        match sh.endpoint.thaw(img).await {
-            Ok(s) => {
+        let sh = sh.clone();
+        set.spawn(async move { (None, Some(service), thaw_stream(&sh, img).await) });
+    }
+    while let Some(r) = set.join_next().await {
+        let Ok((name, service, stream)) = r else {
+            continue;
+        };
+        match (name, service, stream) {
+            (Some(name), _, Ok(s)) => cx.insert_stream(name, s),
+            (None, Some(service), Ok(s)) => {
                 if let Some(tx) = lock(&sh.services).get(&service) {
                     let _ = tx.try_send(s);
                 }
             }
-            Err(e) => tracing::warn!(%service, error = %e, "pending stream could not be thawed"),
+            (name, service, Err(e)) => {
+                tracing::warn!(?name, ?service, error = %e, "stream could not be thawed")
+            }
+            _ => {}
         }
     }
     for (name, port, img) in d.datagrams {
@@ -1032,10 +1068,32 @@ async fn thaw_context(
     cx
 }
 
+/// Thaw a stream on this host. Both ends of one session cannot live on one endpoint (they
+/// share the session id): a stream whose peer is an agent of this host goes to the host's
+/// second endpoint, on the same address with another port.
+async fn thaw_stream(sh: &Arc<HostShared>, img: StreamImage) -> Result<Stream, roam::ThawError> {
+    let id = img.session_id();
+    match sh.endpoint.thaw(img.clone()).await {
+        Err(roam::ThawError::AlreadyRunning(_)) => {}
+        other => return other,
+    }
+    let aux = sh.aux_endpoint().await.map_err(|e| {
+        tracing::warn!(error = %e, "second endpoint could not be bound");
+        roam::ThawError::AlreadyRunning(id)
+    })?;
+    aux.thaw(img).await
+}
+
 /// After a commit: this endpoint tells peers that re-associate here where their sessions went
 /// (PROTOCOL.md §5.5), so both ends of a stream may move at once.
 fn forward_sessions(sh: &HostShared, t: &Transfer, to: SocketAddr) {
-    let _ = (sh, t, to);
+    for s in &t.sockets {
+        if let SocketImage::Stream { image, .. } | SocketImage::Pending { image, .. } = s {
+            if let Ok(img) = StreamImage::from_bytes(image) {
+                sh.endpoint.forward(img.session_id(), to);
+            }
+        }
+    }
 }
 
 async fn agent_task(
@@ -1291,6 +1349,8 @@ async fn serve_channel(sh: Arc<HostShared>, mut ch: Channel) {
         lock(&sh.txns).insert(txn, TxnOutcome::Aborted);
         return;
     }
+    // The decision is known here from now on, whatever the thaw takes.
+    lock(&sh.txns).insert(txn, TxnOutcome::Committed);
     let t0 = Instant::now();
     let host = Host { shared: sh.clone() };
     let rec = host.install(
@@ -1313,7 +1373,6 @@ async fn serve_channel(sh: Arc<HostShared>, mut ch: Channel) {
     .await;
     let mut watches: Vec<_> = cx.streams.values().map(|s| s.watch_connected()).collect();
     tokio::spawn(agent_task(sh.clone(), rec, agent, cx));
-    lock(&sh.txns).insert(txn, TxnOutcome::Committed);
     let thaw_us = us(t0.elapsed());
     let _ = ch
         .send(&Msg::Started {

@@ -235,6 +235,10 @@ impl Channel {
         stream.flush().await?;
         let mut buf = Vec::new();
         read_frame(&mut stream, &mut buf).await?;
+        if buf.is_empty() {
+            // The responder's "your handshake did not authenticate" (see `respond`).
+            return Err(ChannelError::Auth);
+        }
         hs.read_message(&buf, &mut out)
             .map_err(|_| ChannelError::Auth)?;
         let noise = hs.into_transport_mode().map_err(|_| ChannelError::Auth)?;
@@ -259,8 +263,14 @@ impl Channel {
         let mut buf = Vec::new();
         read_frame(&mut stream, &mut buf).await?;
         let mut out = vec![0u8; NOISE_MAX];
-        hs.read_message(&buf, &mut out)
-            .map_err(|_| ChannelError::Auth)?;
+        if hs.read_message(&buf, &mut out).is_err() {
+            // Tell the initiator, in clear, that it is not of this deployment: an empty frame
+            // (never a valid Noise message). Forging it gains an attacker nothing a reset
+            // would not.
+            let _ = write_frame(&mut stream, &[]).await;
+            let _ = stream.flush().await;
+            return Err(ChannelError::Auth);
+        }
         let n = hs
             .write_message(&[], &mut out)
             .map_err(|_| ChannelError::Auth)?;
