@@ -917,6 +917,31 @@ impl Session {
         self.check_closed(now);
     }
 
+    /// The endpoint moved to `contact` (a new local address, like quinn's
+    /// `Endpoint::rebind`; PROTOCOL.md §8.1): the current connection is closed and this side
+    /// dials the peer from the new address at once, whichever side opened the last connection,
+    /// so the re-association announces where it is now. Nothing is lost: everything
+    /// unacknowledged is replayed on the new connection.
+    pub fn rebind(&mut self, now: Instant, contact: SocketAddr) {
+        self.local.contact = contact;
+        if let Some(d) = self.dialing.take() {
+            if let Some(c) = d.conn {
+                self.events.push_back(Event::CloseConnection(c));
+            }
+        }
+        if self.phase != Phase::Open {
+            return;
+        }
+        self.dialer = true;
+        if self.link.is_some() {
+            self.lose_link(now, true);
+        }
+        if self.phase == Phase::Open && self.link.is_none() && !self.peer_migrating {
+            self.backoff = self.config.redial_initial;
+            self.next_dial = Some(now);
+        }
+    }
+
     /// Whether a window update is worth sending now (the application read a lot).
     pub fn wants_transmit(&self) -> bool {
         self.ack_now || !self.unsent.is_empty()

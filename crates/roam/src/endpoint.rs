@@ -85,8 +85,8 @@ struct Counters {
 }
 
 pub(crate) struct EndpointInner {
-    local_addr: SocketAddr,
-    pub(crate) local: LocalInfo,
+    /// Where the endpoint listens and who it is; changed only by [`Endpoint::rebind`].
+    addrs: Mutex<(SocketAddr, LocalInfo)>,
     pub(crate) config: EndpointConfig,
     sessions: Mutex<HashMap<SessionId, SharedRef>>,
     forwards: Mutex<ForwardTable>,
@@ -106,6 +106,16 @@ impl Drop for EndpointInner {
 }
 
 impl EndpointInner {
+    /// The bound address now.
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.addrs.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// Identity and contact address now.
+    pub(crate) fn local(&self) -> LocalInfo {
+        self.addrs.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
     pub(crate) fn conn_id(&self) -> ConnId {
         ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed))
     }
@@ -151,8 +161,8 @@ pub struct Endpoint {
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Endpoint")
-            .field("local_addr", &self.inner.local_addr)
-            .field("contact", &self.inner.local.contact)
+            .field("local_addr", &self.inner.local_addr())
+            .field("contact", &self.inner.local().contact)
             .finish_non_exhaustive()
     }
 }
@@ -175,28 +185,16 @@ impl Endpoint {
         addr: SocketAddr,
         config: EndpointConfig,
     ) -> Result<Endpoint, BindError> {
-        let io = |source| BindError::Io { addr, source };
-        let sock = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()
-        } else {
-            tokio::net::TcpSocket::new_v6()
-        }
-        .map_err(io)?;
-        sock.set_reuseaddr(true).map_err(io)?;
-        sock.bind(addr).map_err(io)?;
-        // A deep accept queue: a batch of sessions thawing at once all dial here together, and a
-        // dropped SYN costs a client a one-second retransmission.
-        let listener: TcpListener = sock.listen(LISTEN_BACKLOG).map_err(io)?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| BindError::Io { addr, source })?;
+        let (listener, local_addr) = bind_listener(addr)?;
         let (accept_tx, accept_rx) = mpsc::channel(config.accept_backlog.max(1));
         let inner = Arc::new(EndpointInner {
-            local_addr,
-            local: LocalInfo {
-                endpoint: EndpointId(rand::random()),
-                contact: config.contact.unwrap_or(local_addr),
-            },
+            addrs: Mutex::new((
+                local_addr,
+                LocalInfo {
+                    endpoint: EndpointId(rand::random()),
+                    contact: config.contact.unwrap_or(local_addr),
+                },
+            )),
             sessions: Mutex::new(HashMap::new()),
             forwards: Mutex::new(ForwardTable::new(
                 config.forward_capacity,
@@ -217,19 +215,64 @@ impl Endpoint {
         Ok(Endpoint { inner })
     }
 
+    /// Move the endpoint, and every session on it, to the local address `addr` (port 0 picks
+    /// one), like quinn's `Endpoint::rebind`: for a host whose address changed (a laptop that
+    /// moved to another network). The endpoint listens at the new address, every session
+    /// closes its current connection and re-associates from there at once — announcing the new
+    /// contact address — and replays whatever was unacknowledged; the application's streams
+    /// notice nothing (PROTOCOL.md §8.1). Returns the new bound address. On error nothing
+    /// changed. A configured [`EndpointConfig::contact`] is kept.
+    ///
+    /// A peer that is frozen for a migration meanwhile dials the old address when it thaws and
+    /// does not find this endpoint; rebind while no peer migrates.
+    pub async fn rebind(&self, addr: SocketAddr) -> Result<SocketAddr, BindError> {
+        let (listener, local_addr) = bind_listener(addr)?;
+        let contact = self.inner.config.contact.unwrap_or(local_addr);
+        {
+            let mut a = self.inner.addrs.lock().unwrap_or_else(|p| p.into_inner());
+            a.0 = local_addr;
+            a.1.contact = contact;
+        }
+        let task = tokio::spawn(listen(listener, Arc::downgrade(&self.inner)));
+        let old = self
+            .inner
+            .listener_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(task);
+        if let Some(old) = old {
+            old.abort();
+        }
+        let sessions: Vec<SharedRef> = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let now = Instant::now();
+        for s in sessions {
+            let mut g = lock(&s);
+            g.core.rebind(now, contact);
+            g.wake_driver();
+        }
+        Ok(local_addr)
+    }
+
     /// The address the endpoint listens on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.inner.local_addr
+        self.inner.local_addr()
     }
 
     /// The address peers dial to reach this endpoint (the bound address unless configured).
     pub fn contact_addr(&self) -> SocketAddr {
-        self.inner.local.contact
+        self.inner.local().contact
     }
 
     /// This endpoint's identity.
     pub fn id(&self) -> EndpointId {
-        self.inner.local.endpoint
+        self.inner.local().endpoint
     }
 
     /// Counters.
@@ -285,9 +328,9 @@ impl Endpoint {
     }
 
     async fn connect_inner(&self, addr: SocketAddr) -> Result<Stream, ConnectError> {
-        let mut tcp = dial(self.inner.local_addr, addr).await?;
+        let mut tcp = dial(self.inner.local_addr(), addr).await?;
         tcp.set_nodelay(true)?;
-        let (assoc, hello) = Associating::new(self.inner.local, &entropy());
+        let (assoc, hello) = Associating::new(self.inner.local(), &entropy());
         tcp.write_all(&hello.to_bytes()).await?;
         let mut buf = BytesMut::with_capacity(1024);
         let reply = read_frame(&mut tcp, &mut buf).await?;
@@ -333,7 +376,7 @@ impl Endpoint {
             .remove(&id);
         let core = Session::from_image(
             image,
-            self.inner.local,
+            self.inner.local(),
             self.inner.config.session.clone(),
             Instant::now(),
         );
@@ -387,6 +430,23 @@ fn start_session(
 
 /// Open a TCP connection to `to` from the endpoint's own IP address (so a peer sees the
 /// connection come from this host, not from whatever source the kernel would pick).
+/// A listening socket at `addr` with a deep accept queue: a batch of sessions thawing at once
+/// all dial here together, and a dropped SYN costs a client a one-second retransmission.
+fn bind_listener(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BindError> {
+    let io = |source| BindError::Io { addr, source };
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(io)?;
+    sock.set_reuseaddr(true).map_err(io)?;
+    sock.bind(addr).map_err(io)?;
+    let listener: TcpListener = sock.listen(LISTEN_BACKLOG).map_err(io)?;
+    let local_addr = listener.local_addr().map_err(io)?;
+    Ok((listener, local_addr))
+}
+
 async fn dial(local: SocketAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
     let sock = if to.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -493,7 +553,7 @@ async fn handshake(ep: &Arc<EndpointInner>, mut tcp: TcpStream) -> Result<(), In
                 conn,
                 &hello,
                 id,
-                ep.local,
+                ep.local(),
                 &entropy(),
                 ep.config.session.clone(),
             )
@@ -639,7 +699,7 @@ async fn dial_inner(
     addr: SocketAddr,
     started: &mut bool,
 ) -> Result<(), ConnectError> {
-    let mut tcp = dial(ep.local_addr, addr).await?;
+    let mut tcp = dial(ep.local_addr(), addr).await?;
     tcp.set_nodelay(true)?;
     let req = {
         let mut s = lock(shared);

@@ -69,7 +69,7 @@ impl Stream {
 
     /// Where this end is reachable (its endpoint's contact address).
     pub fn local_contact(&self) -> std::net::SocketAddr {
-        self.endpoint.local.contact
+        self.endpoint.local().contact
     }
 
     /// Counters (bytes, re-associations, migrations, …).
