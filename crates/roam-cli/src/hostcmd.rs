@@ -223,7 +223,7 @@ pub async fn host(args: HostArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -316,6 +316,58 @@ fn state_text(s: &AgentState) -> String {
 pub async fn ps(args: PsArgs) -> Result<(), Failure> {
     let state = args.common.state();
     let clients = clients(&state, args.host).await;
+    let tunnels = if args.host.is_none() {
+        crate::tunnelcmd::tunnels(&state).await
+    } else {
+        Vec::new()
+    };
+    if !tunnels.is_empty() && !args.common.json {
+        say!(
+            "{:<7} {:<22} {:<22} {:<22} {:>8} {:>8}",
+            "TUNNEL",
+            "LISTEN",
+            "ENDPOINT",
+            "TO",
+            "CARRIED",
+            "REFUSED"
+        );
+        for t in &tunnels {
+            say!(
+                "{:<7} {:<22} {:<22} {:<22} {:>8} {:>8}",
+                t.role,
+                t.listen.to_string(),
+                t.endpoint.to_string(),
+                t.to.to_string(),
+                t.carried,
+                t.refused
+            );
+            for s in &t.sessions {
+                say!(
+                    "    {} session {}  up {}  down {}  {}  reassociations {}  connections lost {}",
+                    s.from,
+                    s.session,
+                    fmt_bytes(s.up),
+                    fmt_bytes(s.down),
+                    if s.connected {
+                        "connected"
+                    } else {
+                        "reconnecting"
+                    },
+                    s.reassociations,
+                    s.connections_lost
+                );
+            }
+        }
+        say!("");
+    }
+    if clients.is_empty() && !tunnels.is_empty() {
+        if args.common.json {
+            // The JSON lists agents only; a tunnel end's status is `GET /v1/tunnel` on its
+            // control socket.
+            say!("[]");
+        }
+        return Ok(());
+    }
     if clients.is_empty() {
         return Err(Failure(format!(
             "no roam host daemon is running under {} (start one with `roam host --listen 127.0.0.2:7000`)",

@@ -25,6 +25,7 @@ mod demo;
 mod demo_sockets;
 mod demo_udp;
 mod hostcmd;
+mod tunnelcmd;
 
 /// Connections that survive moving.
 #[derive(Parser, Debug)]
@@ -52,6 +53,9 @@ enum Command {
     Migrate(hostcmd::MigrateArgs),
     /// Stop an agent.
     Stop(hostcmd::StopArgs),
+    /// Carry unmodified TCP programs' connections over roam sessions (`listen`, `serve`,
+    /// `rebind`).
+    Tunnel(tunnelcmd::TunnelArgs),
     /// The socket-level demo (no daemons): stream data to an echo peer, migrate the sender to a
     /// third host mid-stream (several times), verify every byte both ways; then UDP.
     DemoSockets(DemoArgs),
@@ -176,6 +180,7 @@ fn main() -> ExitCode {
         Command::Ps(args) => daemon("ps", rt.block_on(hostcmd::ps(args))),
         Command::Migrate(args) => daemon("migrate", rt.block_on(hostcmd::migrate(args))),
         Command::Stop(args) => daemon("stop", rt.block_on(hostcmd::stop(args))),
+        Command::Tunnel(args) => daemon("tunnel", rt.block_on(tunnelcmd::run(args))),
         Command::DemoSockets(args) => {
             if args.hosts.len() != 3 {
                 eprintln!("roam demo-sockets: --hosts needs exactly three addresses");

@@ -74,7 +74,7 @@ pub fn known_hosts(state: &Path) -> Vec<SocketAddr> {
     out
 }
 
-struct ApiResponse(ApiError);
+pub(crate) struct ApiResponse(pub(crate) ApiError);
 
 impl IntoResponse for ApiResponse {
     fn into_response(self) -> Response {
@@ -204,9 +204,35 @@ impl Client {
         }
     }
 
+    /// A client of the control socket at `path` (a tunnel end's), named `label` in errors.
+    pub fn at_socket(path: PathBuf, label: SocketAddr) -> Client {
+        Client { host: label, path }
+    }
+
     /// The daemon's address.
     pub fn host(&self) -> SocketAddr {
         self.host
+    }
+
+    /// `GET uri`, decoded.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        uri: &str,
+    ) -> Result<T, ClientError> {
+        self.json("GET", uri, None).await
+    }
+
+    /// `POST uri` with a JSON body, decoded.
+    pub async fn post_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        uri: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Protocol {
+            host: self.host,
+            message: e.to_string(),
+        })?;
+        self.json("POST", uri, Some(body)).await
     }
 
     async fn request(

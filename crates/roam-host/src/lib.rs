@@ -11,6 +11,7 @@
 //!   deployment-key-authenticated channel (docs/PROTOCOL.md §11).
 //! - [`control`]: the local control API (HTTP/1.1 + JSON on a Unix socket) and its client,
 //!   which `roam run`, `roam ps`, `roam migrate` and `roam stop` use.
+//! - [`tunnel`]: `roam tunnel`: unmodified TCP programs over roam sessions.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod agents;
 pub mod api;
 pub mod control;
 mod host;
+pub mod tunnel;
 mod wire;
 
 pub use agent::{Agent, AgentError, Context, MigrationSignal, Registry, Step};
