@@ -133,8 +133,19 @@ fn read_key(path: &Path, create: bool) -> Result<[u8; 32], Failure> {
                 .map_err(|e| Failure(format!("cannot create {}: {e}", dir.display())))?;
         }
         let key: [u8; 32] = rand::random();
-        write_private(path, &format!("{}\n", hex::encode(key)))
-            .map_err(|e| Failure(format!("cannot write {}: {e}", path.display())))?;
+        // Daemons starting together race to create it: write a private temporary file and
+        // link it into place, which fails if another won; then everyone reads the winner's.
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        write_private(&tmp, &format!("{}\n", hex::encode(key)))
+            .map_err(|e| Failure(format!("cannot write {}: {e}", tmp.display())))?;
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Failure(format!("cannot create {}: {e}", path.display()))),
+        }
     }
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure(format!("cannot read the key file {}: {e}", path.display())))?;

@@ -15,7 +15,7 @@
 //! | `crash_of_the_source…`       | 127.0.0.73–75, port 7200 + scenario                  |
 //! | `concurrent_…`               | 127.0.0.76–79:7000                                   |
 //! | `migration_onto_the_peers_…` | 127.0.0.62–63:7001                                   |
-//! | `bug_…` (ignored)            | 127.0.0.61:7001, 127.0.0.70–72:7190                  |
+//! | same host, finished during abort | 127.0.0.61:7001, 127.0.0.70–72:7190                  |
 //!
 //! Every wait is a bounded poll (50 ms) of `roam ps --json` or of a process, with a deadline;
 //! a [`common::Cluster`] kills its daemons when dropped, so a failing test leaks nothing.
@@ -574,7 +574,7 @@ fn dest_crash_scenario(point: &'static str, port: u16) {
 
     // Long enough to outlast the source's 10 s step timeout: when the destination dies before
     // its answer to the offer left, the source waits that long with the agent still running
-    // (see `bug_agent_finishing_during_a_failed_offer`).
+    // (see `an_agent_finishing_during_a_failed_offer_stays_finished`).
     const LINES: u64 = 350;
     let echo = c.run(&cc, "echo", &[]);
     let chat = c.run(
@@ -814,12 +814,10 @@ fn migration_onto_the_peers_host_and_back() {
     expect_echoed(&c, &echo, B, LINES * chat_line_len(&chat, A), 1);
 }
 
-/// An agent cannot connect to a service of another agent on its own daemon: the connect
-/// fails with "session id collision" (or hangs), although the same stream works once it
-/// exists (see `migration_onto_the_peers_host_and_back`).
+/// An agent connects to a service of another agent on its own daemon (regression: the connect
+/// failed with "session id collision": both ends of one session on one endpoint).
 #[test]
-#[ignore = "bug: connecting to an agent of the same daemon fails with `session id collision`"]
-fn bug_connect_to_a_peer_on_the_same_host() {
+fn connect_to_a_peer_on_the_same_host() {
     const A: &str = "127.0.0.61:7001";
     const LINES: u64 = 100;
     let mut c = Cluster::new("same-host");
@@ -836,8 +834,7 @@ fn bug_connect_to_a_peer_on_the_same_host() {
 /// `Phase::Running` over the `Phase::Done(Finished)` its task set): a ghost without a task
 /// that `roam ps` lists as running forever and that counts against `--max-agents`.
 #[test]
-#[ignore = "bug: a failed migration's abort resurrects an agent that finished meanwhile"]
-fn bug_agent_finishing_during_a_failed_offer() {
+fn an_agent_finishing_during_a_failed_offer_stays_finished() {
     let a = "127.0.0.70:7190";
     let b = "127.0.0.71:7190";
     let cc = "127.0.0.72:7190";

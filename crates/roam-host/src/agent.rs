@@ -323,7 +323,9 @@ impl Context {
         };
         let mut stream = self
             .host
-            .endpoint
+            .endpoint_toward(addr.host)
+            .await
+            .map_err(|e| connect_err(e.to_string()))?
             .connect(addr.host)
             .await
             .map_err(|e| connect_err(e.to_string()))?;

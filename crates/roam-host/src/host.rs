@@ -205,6 +205,19 @@ impl HostShared {
             .is_none_or(|s| s.is_closed())
     }
 
+    /// The endpoint to open a stream to `to` from: the main one, or for a service of this very
+    /// host the second one (both ends of one session cannot live on one endpoint).
+    pub(crate) async fn endpoint_toward(
+        &self,
+        to: SocketAddr,
+    ) -> Result<Endpoint, roam::BindError> {
+        if to == self.addr {
+            self.aux_endpoint().await
+        } else {
+            Ok(self.endpoint.clone())
+        }
+    }
+
     /// The second endpoint (bound on first use).
     async fn aux_endpoint(&self) -> Result<Endpoint, roam::BindError> {
         let mut aux = self.aux.lock().await;
@@ -534,7 +547,11 @@ impl Host {
         lock(&sh.txns).insert(txn, TxnOutcome::Prepared);
         let abort = |sh: &HostShared, rec: &Record| {
             lock(&sh.txns).insert(txn, TxnOutcome::Aborted);
-            *lock(&rec.phase) = Phase::Running;
+            // The agent kept running while we waited; it may have ended meanwhile.
+            let mut phase = lock(&rec.phase);
+            if matches!(*phase, Phase::Migrating(_)) {
+                *phase = Phase::Running;
+            }
         };
 
         // 1. Offer, before anything is frozen: an unreachable, stranger or refusing
@@ -627,7 +644,7 @@ impl Host {
             unreachable!("built just above")
         };
         let prepared = match sent {
-            Ok(Ok(())) => match tokio::time::timeout(step, ch.recv()).await {
+            Ok(Ok(())) => match recv_or_down(&mut ch, step).await {
                 Ok(Ok(Msg::Prepared)) => Ok(()),
                 Ok(Ok(Msg::Refuse { reason })) => Err(ApiError::new(
                     "refused",
@@ -756,7 +773,7 @@ impl Host {
             from: sh.addr,
         };
         ch.send(&offer).await.map_err(|e| channel_error(to, e))?;
-        match tokio::time::timeout(sh.config.step_timeout, ch.recv()).await {
+        match recv_or_down(&mut ch, sh.config.step_timeout).await {
             Ok(Ok(Msg::Ready)) => Ok(ch),
             Ok(Ok(Msg::Refuse { reason })) => Err(ApiError::new(
                 "refused",
@@ -885,6 +902,23 @@ async fn wait_started(ch: &mut Channel, step: Duration) -> Option<(u64, SocketAd
             _ => None,
         },
         _ = down_for(&mut connected, Duration::from_millis(500)) => None,
+    }
+}
+
+/// No answer: the step timed out, or the channel's stream has been without a connection for
+/// half a second (the other daemon is most likely gone).
+#[derive(Debug)]
+struct NoAnswer;
+
+/// The next message on the channel, or [`NoAnswer`].
+async fn recv_or_down(
+    ch: &mut Channel,
+    step: Duration,
+) -> Result<Result<Msg, ChannelError>, NoAnswer> {
+    let mut connected = ch.stream.watch_connected();
+    tokio::select! {
+        r = tokio::time::timeout(step, ch.recv()) => r.map_err(|_| NoAnswer),
+        _ = down_for(&mut connected, Duration::from_millis(500)) => Err(NoAnswer),
     }
 }
 
