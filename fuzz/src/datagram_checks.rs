@@ -50,7 +50,7 @@ const DIGEST: usize = 32;
 pub fn seal_datagram_image(body: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(PREFIX + body.len() + DIGEST);
     b.extend_from_slice(&DATAGRAM_IMAGE_MAGIC);
-    b.extend_from_slice(&roam_proto::image::IMAGE_VERSION.to_be_bytes());
+    b.extend_from_slice(&roam_proto::datagram::DATAGRAM_IMAGE_VERSION.to_be_bytes());
     b.extend_from_slice(&(body.len() as u32).to_be_bytes());
     b.extend_from_slice(body);
     let digest = Sha256::digest(&b);

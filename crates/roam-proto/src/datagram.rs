@@ -17,10 +17,15 @@ use bytes::{BufMut, Bytes, BytesMut};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
+use chacha20poly1305::ChaCha20Poly1305;
+
+use crate::aead::{self, ReplayWindow, TAG_LEN, WINDOW_WORDS};
 use crate::codec::{DecodeError, Reader, WriteExt};
 use crate::crypto::{self, Ephemeral, SessionKey};
 use crate::frame::{FrameError, MAC_LEN, MAGIC, VERSION};
 use crate::types::SocketId;
+
+pub use crate::aead::REPLAY_WINDOW;
 
 /// Packet type codes of datagram sockets (PROTOCOL.md §10.1, table 2).
 #[allow(missing_docs)]
@@ -32,10 +37,23 @@ pub mod dkind {
     pub const REASSOC_ACK: u8 = 0x44;
     pub const FREEZING: u8 = 0x45;
     pub const FREEZING_ACK: u8 = 0x46;
+    pub const PATH_CHALLENGE: u8 = 0x47;
+    pub const PATH_RESPONSE: u8 = 0x48;
+    pub const PLAIN_DATA: u8 = 0x49;
 }
 
-/// Bytes a `Data` packet adds to the application's payload (type and association id).
-pub const DATA_OVERHEAD: usize = 9;
+/// The clear header of a `Data` packet: type, association id, packet counter. It is the AEAD's
+/// associated data.
+pub const DATA_HEADER: usize = 17;
+/// Bytes a `Data` packet adds to the application's payload (header and Poly1305 tag).
+pub const DATA_OVERHEAD: usize = DATA_HEADER + TAG_LEN;
+/// Length of a path challenge's random data.
+pub const CHALLENGE_LEN: usize = 16;
+/// At most this many bytes are sent to an address not yet validated for every byte received
+/// from it (RFC 9000 §8's anti-amplification limit).
+pub const AMPLIFICATION_FACTOR: u64 = 3;
+/// Addresses being validated at once for one association; a new one replaces the oldest.
+pub const MAX_PATH_PROBES: usize = 4;
 /// The largest UDP payload IPv4 allows.
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
 
@@ -44,6 +62,8 @@ const LABEL_REASSOC: &[u8] = b"roam/v1/dgram-reassoc";
 const LABEL_ACK: &[u8] = b"roam/v1/dgram-ack";
 const LABEL_FREEZING: &[u8] = b"roam/v1/dgram-freezing";
 const LABEL_FREEZING_ACK: &[u8] = b"roam/v1/dgram-freezing-ack";
+const LABEL_PATH_CHALLENGE: &[u8] = b"roam/v1/dgram-path-challenge";
+const LABEL_PATH_RESPONSE: &[u8] = b"roam/v1/dgram-path-response";
 
 /// The MAC of the short control packets (`ReassocAck`, `Freezing`, `FreezingAck`): over the
 /// association id and epoch, under the association key, with the packet's own label.
@@ -60,6 +80,36 @@ fn control_mac_ok(
     mac: &[u8; MAC_LEN],
 ) -> bool {
     crypto::verify(key, label, &[&control_body(assoc, epoch)], mac)
+}
+
+/// The MAC of a `PathChallenge` or `PathResponse`: over the association id and the challenge.
+fn path_mac(
+    key: &SessionKey,
+    label: &[u8],
+    assoc: u64,
+    data: &[u8; CHALLENGE_LEN],
+) -> [u8; MAC_LEN] {
+    crypto::mac(key, label, &[&assoc.to_be_bytes(), data])
+}
+
+/// Constant-time check of a [`path_mac`].
+fn path_mac_ok(
+    key: &SessionKey,
+    label: &[u8],
+    assoc: u64,
+    data: &[u8; CHALLENGE_LEN],
+    mac: &[u8; MAC_LEN],
+) -> bool {
+    crypto::verify(key, label, &[&assoc.to_be_bytes(), data], mac)
+}
+
+/// The clear header of a `Data` (or `PlainData`) packet.
+fn data_header(ty: u8, assoc: u64, counter: u64) -> [u8; DATA_HEADER] {
+    let mut h = [0u8; DATA_HEADER];
+    h[0] = ty;
+    h[1..9].copy_from_slice(&assoc.to_be_bytes());
+    h[9..].copy_from_slice(&counter.to_be_bytes());
+    h
 }
 
 fn control_body(assoc: u64, epoch: u64) -> [u8; 16] {
@@ -95,23 +145,54 @@ pub enum Packet {
         /// HMAC under the new association key.
         mac: [u8; MAC_LEN],
     },
-    /// An application datagram on an association.
+    /// An application datagram on an association, encrypted and authenticated
+    /// (ChaCha20-Poly1305 under the sender's direction key, nonce from `counter`, the clear
+    /// header as associated data; PROTOCOL.md §10.3).
     Data {
         /// The association id both sides derived from the key.
         assoc: u64,
+        /// The sender's packet counter on this association (the AEAD nonce).
+        counter: u64,
+        /// The encrypted payload followed by the 16-byte tag.
+        sealed: Bytes,
+    },
+    /// An application datagram in clear, only between sockets both configured
+    /// [`DatagramConfig::insecure_plaintext`] (benchmarks and debugging).
+    PlainData {
+        /// The association id.
+        assoc: u64,
+        /// The sender's packet counter (replay window only; nothing is authenticated).
+        counter: u64,
         /// The application's bytes.
         payload: Bytes,
     },
-    /// A moved socket announces its new address (claims 11, 21d, 25).
+    /// A moved socket announces itself from its new address (claims 11, 21d, 25); the peer
+    /// uses the packet's observed source address once it answered a path challenge.
     Reassoc {
         /// The association.
         assoc: u64,
         /// The sender's migration epoch; strictly increasing.
         epoch: u64,
-        /// The sender's new address.
-        addr: SocketAddr,
         /// A nonce.
         nonce: [u8; 16],
+        /// HMAC under the association key.
+        mac: [u8; MAC_LEN],
+    },
+    /// Can the sender of a `Reassoc` be reached at the address it came from? (RFC 9000 §8.2.)
+    PathChallenge {
+        /// The association.
+        assoc: u64,
+        /// Random bytes to echo.
+        data: [u8; CHALLENGE_LEN],
+        /// HMAC under the association key.
+        mac: [u8; MAC_LEN],
+    },
+    /// The answer to a `PathChallenge`, sent back to where the challenge came from.
+    PathResponse {
+        /// The association.
+        assoc: u64,
+        /// The challenge's bytes, echoed.
+        data: [u8; CHALLENGE_LEN],
         /// HMAC under the association key.
         mac: [u8; MAC_LEN],
     },
@@ -164,11 +245,35 @@ impl Packet {
                 b.put_slice(&self.signed());
                 b.put_slice(mac);
             }
-            Packet::Data { assoc, payload } => {
-                b.reserve(DATA_OVERHEAD + payload.len());
-                b.put_u8(dkind::DATA);
-                b.put_u64(*assoc);
+            Packet::Data {
+                assoc,
+                counter,
+                sealed,
+            } => {
+                b.reserve(DATA_HEADER + sealed.len());
+                b.put_slice(&data_header(dkind::DATA, *assoc, *counter));
+                b.put_slice(sealed);
+            }
+            Packet::PlainData {
+                assoc,
+                counter,
+                payload,
+            } => {
+                b.reserve(DATA_HEADER + payload.len());
+                b.put_slice(&data_header(dkind::PLAIN_DATA, *assoc, *counter));
                 b.put_slice(payload);
+            }
+            Packet::PathChallenge { assoc, data, mac } => {
+                b.put_u8(dkind::PATH_CHALLENGE);
+                b.put_u64(*assoc);
+                b.put_slice(data);
+                b.put_slice(mac);
+            }
+            Packet::PathResponse { assoc, data, mac } => {
+                b.put_u8(dkind::PATH_RESPONSE);
+                b.put_u64(*assoc);
+                b.put_slice(data);
+                b.put_slice(mac);
             }
             Packet::Reassoc { mac, .. } => {
                 b.put_u8(dkind::REASSOC);
@@ -207,13 +312,11 @@ impl Packet {
             Packet::Reassoc {
                 assoc,
                 epoch,
-                addr,
                 nonce,
                 ..
             } => {
                 v.put_u64(*assoc);
                 v.put_u64(*epoch);
-                v.put_socket_addr(*addr);
                 v.put_slice(nonce);
             }
             Packet::Hello { .. } => {
@@ -229,15 +332,33 @@ impl Packet {
         let Some(&ty) = bytes.first() else {
             return Err(DecodeError::Truncated("packet type").into());
         };
-        if ty == dkind::DATA {
-            if bytes.len() < DATA_OVERHEAD {
-                return Err(DecodeError::Truncated("association id").into());
+        if ty == dkind::DATA || ty == dkind::PLAIN_DATA {
+            let min = if ty == dkind::DATA {
+                DATA_OVERHEAD
+            } else {
+                DATA_HEADER
+            };
+            if bytes.len() < min {
+                return Err(DecodeError::Truncated("data header and tag").into());
             }
             let mut id = [0u8; 8];
             id.copy_from_slice(&bytes[1..9]);
-            return Ok(Packet::Data {
-                assoc: u64::from_be_bytes(id),
-                payload: bytes.slice(DATA_OVERHEAD..),
+            let mut ctr = [0u8; 8];
+            ctr.copy_from_slice(&bytes[9..DATA_HEADER]);
+            let (assoc, counter) = (u64::from_be_bytes(id), u64::from_be_bytes(ctr));
+            let rest = bytes.slice(DATA_HEADER..);
+            return Ok(if ty == dkind::DATA {
+                Packet::Data {
+                    assoc,
+                    counter,
+                    sealed: rest,
+                }
+            } else {
+                Packet::PlainData {
+                    assoc,
+                    counter,
+                    payload: rest,
+                }
             });
         }
         let mut r = Reader::new(&bytes[1..]);
@@ -267,10 +388,21 @@ impl Packet {
             dkind::REASSOC => Packet::Reassoc {
                 assoc: r.u64("association id")?,
                 epoch: r.u64("epoch")?,
-                addr: r.socket_addr("address")?,
                 nonce: r.array("nonce")?,
                 mac: r.array("mac")?,
             },
+            dkind::PATH_CHALLENGE | dkind::PATH_RESPONSE => {
+                let (assoc, data, mac) = (
+                    r.u64("association id")?,
+                    r.array("challenge")?,
+                    r.array("mac")?,
+                );
+                if ty == dkind::PATH_CHALLENGE {
+                    Packet::PathChallenge { assoc, data, mac }
+                } else {
+                    Packet::PathResponse { assoc, data, mac }
+                }
+            }
             dkind::REASSOC_ACK | dkind::FREEZING | dkind::FREEZING_ACK => {
                 let (assoc, epoch) = (r.u64("association id")?, r.u64("epoch")?);
                 let mac = r.array("mac")?;
@@ -299,7 +431,7 @@ fn put_control(b: &mut BytesMut, ty: u8, assoc: u64, epoch: u64, mac: &[u8; MAC_
 #[non_exhaustive]
 pub struct DatagramConfig {
     /// Largest application payload accepted by `send_to`; larger is an error, never a silent
-    /// truncation. Default 65,498 (the IPv4 UDP maximum less roam's 9 bytes).
+    /// truncation. Default 65,474 (the IPv4 UDP maximum less roam's 33 bytes: header and tag).
     pub max_payload: usize,
     /// Datagrams held per peer while it is migrating (or being associated with); beyond it
     /// the oldest is dropped and counted. Default 256.
@@ -309,6 +441,15 @@ pub struct DatagramConfig {
     pub recv_capacity: usize,
     /// Associations a socket keeps; first contacts beyond it are ignored. Default 4096.
     pub max_associations: usize,
+    /// Half-open associations kept: answered first contacts (`Hello`) whose initiator has not
+    /// yet sent an authenticated packet. Beyond it the oldest half-open one is forgotten
+    /// (counted in [`DatagramStats::half_open_evicted`]); established associations are never.
+    /// At most about 600 bytes each. Default 256.
+    pub max_half_open: usize,
+    /// Send `Data` in clear (`PlainData` packets: no encryption, no authentication) and accept
+    /// it. **For benchmarks and debugging only**: anyone on the path reads, alters and injects
+    /// datagrams. Both ends must set it. Default false.
+    pub insecure_plaintext: bool,
     /// First resend delay of a `Hello` or `Reassoc` without answer; doubles each time.
     /// Default 50 ms.
     pub retry_initial: Duration,
@@ -331,6 +472,8 @@ impl Default for DatagramConfig {
             hold_capacity: 256,
             recv_capacity: 1024,
             max_associations: 4096,
+            max_half_open: 256,
+            insecure_plaintext: false,
             retry_initial: Duration::from_millis(50),
             retry_max: Duration::from_secs(1),
             max_tries: 8,
@@ -417,10 +560,20 @@ pub struct DatagramStats {
     pub reassoc_resent_on_data: u64,
     /// Peers' re-associations accepted.
     pub reassoc_accepted: u64,
-    /// Packets refused: bad MACs, stale epochs, unknown associations, malformed.
+    /// Packets refused: bad MACs and tags, stale epochs, unknown associations, malformed.
     pub refused: u64,
     /// Planned migrations of this socket.
     pub migrations: u64,
+    /// `Data` packets whose tag did not verify (altered or forged); also in `refused`.
+    pub auth_failed: u64,
+    /// `Data` packets dropped as replays: a counter already received, or below the window.
+    pub replayed: u64,
+    /// Path challenges sent to addresses peers re-associated from.
+    pub path_challenges_sent: u64,
+    /// Path challenges not sent because of the anti-amplification limit.
+    pub amplification_limited: u64,
+    /// Half-open associations forgotten to make room for new first contacts.
+    pub half_open_evicted: u64,
 }
 
 /// One row of the association table, as the application may inspect it.
@@ -464,11 +617,36 @@ impl Retry {
     }
 }
 
+/// An address a peer re-associated from, being validated (RFC 9000 §8.2).
+struct Probe {
+    addr: SocketAddr,
+    /// The epoch of the `Reassoc` it came with.
+    epoch: u64,
+    challenge: [u8; CHALLENGE_LEN],
+    /// Bytes of authenticated packets received from it.
+    received: u64,
+    /// Bytes sent to it.
+    sent: u64,
+    /// When to send the challenge again (while the amplification budget allows).
+    resend_at: Option<Instant>,
+}
+
 /// A row of the association table (claims 9, 21b, 23).
 struct Assoc {
     id: u64,
     peer: SocketId,
     key: SessionKey,
+    /// Our direction's cipher and next packet counter.
+    tx: ChaCha20Poly1305,
+    tx_counter: u64,
+    /// The peer's direction's cipher and the counters received from it.
+    rx: ChaCha20Poly1305,
+    window: ReplayWindow,
+    /// False for an association we answered until the peer sent an authenticated packet
+    /// (half-open).
+    confirmed: bool,
+    /// Addresses the peer re-associated from that have not answered a challenge yet.
+    probes: Vec<Probe>,
     known_addr: SocketAddr,
     addr: SocketAddr,
     peer_epoch: u64,
@@ -479,6 +657,53 @@ struct Assoc {
     held: VecDeque<Bytes>,
     /// For a responder: the Hello it answered and the Welcome, to answer a resent Hello alike.
     answered: Option<([u8; 32], Bytes)>,
+}
+
+impl Assoc {
+    /// A new row: keys for both directions, counters at zero, peer at `addr`.
+    fn new(
+        id: u64,
+        me: SocketId,
+        peer: SocketId,
+        key: SessionKey,
+        addr: SocketAddr,
+        confirmed: bool,
+    ) -> Assoc {
+        Assoc {
+            id,
+            peer,
+            tx: aead::data_cipher(&key, me),
+            tx_counter: 0,
+            rx: aead::data_cipher(&key, peer),
+            window: ReplayWindow::default(),
+            confirmed,
+            probes: Vec::new(),
+            key,
+            known_addr: addr,
+            addr,
+            peer_epoch: 0,
+            reassoc: None,
+            migrating_since: None,
+            held: VecDeque::new(),
+            answered: None,
+        }
+    }
+
+    /// The next `Data` packet carrying `payload` (`PlainData` if `plaintext`), numbered with
+    /// the next counter of our direction.
+    fn data_packet(&mut self, payload: &[u8], plaintext: bool) -> Bytes {
+        let counter = self.tx_counter;
+        self.tx_counter += 1;
+        if plaintext {
+            let mut b = BytesMut::with_capacity(DATA_HEADER + payload.len());
+            b.put_slice(&data_header(dkind::PLAIN_DATA, self.id, counter));
+            b.put_slice(payload);
+            b.freeze()
+        } else {
+            let header = data_header(dkind::DATA, self.id, counter);
+            aead::seal(&self.tx, counter, &header, payload)
+        }
+    }
 }
 
 /// An association being set up by this side (the initiator).
@@ -509,6 +734,9 @@ pub(crate) struct AssocImage {
     pub(crate) known_addr: SocketAddr,
     pub(crate) addr: SocketAddr,
     pub(crate) peer_epoch: u64,
+    pub(crate) tx_counter: u64,
+    pub(crate) window: ReplayWindow,
+    pub(crate) confirmed: bool,
     pub(crate) held: Vec<Bytes>,
 }
 
@@ -563,6 +791,8 @@ pub struct DatagramSocket {
     /// table, claims 27, 42, 43).
     by_addr: HashMap<SocketAddr, u64>,
     handshakes: HashMap<SocketAddr, Handshake>,
+    /// Half-open associations (answered, not yet confirmed), oldest first.
+    half_open: VecDeque<u64>,
     inbox: VecDeque<(SocketAddr, Bytes)>,
     transmits: VecDeque<(SocketAddr, Bytes)>,
     events: VecDeque<DatagramEvent>,
@@ -599,6 +829,7 @@ impl DatagramSocket {
             assocs: HashMap::new(),
             by_addr: HashMap::new(),
             handshakes: HashMap::new(),
+            half_open: VecDeque::new(),
             inbox: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -626,21 +857,16 @@ impl DatagramSocket {
         for a in image.assocs {
             s.by_addr.insert(a.known_addr, a.id);
             s.by_addr.insert(a.addr, a.id);
-            s.assocs.insert(
-                a.id,
-                Assoc {
-                    id: a.id,
-                    peer: a.peer,
-                    key: a.key,
-                    known_addr: a.known_addr,
-                    addr: a.addr,
-                    peer_epoch: a.peer_epoch,
-                    reassoc: None,
-                    migrating_since: None,
-                    held: a.held.into(),
-                    answered: None,
-                },
-            );
+            let mut row = Assoc::new(a.id, s.id, a.peer, a.key, a.known_addr, a.confirmed);
+            row.addr = a.addr;
+            row.peer_epoch = a.peer_epoch;
+            row.tx_counter = a.tx_counter;
+            row.window = a.window;
+            row.held = a.held.into();
+            if !row.confirmed {
+                s.half_open.push_back(a.id);
+            }
+            s.assocs.insert(a.id, row);
         }
         let ids: Vec<u64> = s.assocs.keys().copied().collect();
         for id in ids {
@@ -728,7 +954,6 @@ impl DatagramSocket {
                 max,
             });
         }
-        let payload = Bytes::copy_from_slice(payload);
         if let Some(id) = self.by_addr.get(&dest).copied() {
             let cap = self.config.hold_capacity;
             let a = self
@@ -740,15 +965,16 @@ impl DatagramSocket {
                     a.held.pop_front();
                     self.stats.dropped_hold += 1;
                 }
-                a.held.push_back(payload);
+                a.held.push_back(Bytes::copy_from_slice(payload));
             } else {
                 let to = a.addr;
-                let p = Packet::Data { assoc: id, payload }.encode();
+                let p = a.data_packet(payload, self.config.insecure_plaintext);
                 self.transmits.push_back((to, p));
                 self.stats.sent += 1;
             }
             return Ok(());
         }
+        let payload = Bytes::copy_from_slice(payload);
         let cap = self.config.hold_capacity;
         if let Some(h) = self.handshakes.get_mut(&dest) {
             if h.queued.len() >= cap {
@@ -856,6 +1082,9 @@ impl DatagramSocket {
                 known_addr: a.known_addr,
                 addr: a.addr,
                 peer_epoch: a.peer_epoch,
+                tx_counter: a.tx_counter,
+                window: a.window.clone(),
+                confirmed: a.confirmed,
                 held: a.held.iter().cloned().collect(),
             })
             .collect();
@@ -879,12 +1108,13 @@ impl DatagramSocket {
 
     // ------------------------------------------------------------------ handle_*
 
-    /// Handle one datagram received from `from`. Malformed, forged and stale packets are
-    /// counted and dropped; nothing a peer sends can make this fail.
+    /// Handle one datagram received from `from`. Malformed, forged, altered, replayed and stale
+    /// packets are counted and dropped; nothing a peer or an attacker sends can make this fail.
     pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: Bytes) {
         if self.frozen {
             return;
         }
+        let len = bytes.len() as u64;
         let Ok(p) = Packet::decode(bytes) else {
             self.stats.refused += 1;
             return;
@@ -892,11 +1122,26 @@ impl DatagramSocket {
         match p {
             Packet::Hello { socket, eph, nonce } => self.on_hello(from, socket, eph, nonce),
             p @ Packet::Welcome { .. } => self.on_welcome(from, p),
-            Packet::Data { assoc, payload } => self.on_data(now, assoc, payload),
-            p @ Packet::Reassoc { .. } => self.on_reassoc(p),
+            Packet::Data {
+                assoc,
+                counter,
+                sealed,
+            } => self.on_data(now, from, len, assoc, counter, sealed, false),
+            Packet::PlainData {
+                assoc,
+                counter,
+                payload,
+            } => self.on_data(now, from, len, assoc, counter, payload, true),
+            p @ Packet::Reassoc { .. } => self.on_reassoc(now, from, len, p),
             Packet::ReassocAck { assoc, epoch, mac } => self.on_reassoc_ack(assoc, epoch, mac),
             Packet::Freezing { assoc, epoch, mac } => self.on_freezing(now, assoc, epoch, mac),
             Packet::FreezingAck { assoc, epoch, mac } => self.on_freezing_ack(assoc, epoch, mac),
+            Packet::PathChallenge { assoc, data, mac } => {
+                self.on_path_challenge(from, assoc, data, mac)
+            }
+            Packet::PathResponse { assoc, data, mac } => {
+                self.on_path_response(now, from, assoc, data, mac)
+            }
         }
     }
 
@@ -922,6 +1167,19 @@ impl DatagramSocket {
         // Both sides said Hello at once: the lower socket id's Hello wins.
         if self.handshakes.contains_key(&from) && self.id < socket {
             return;
+        }
+        // Unauthenticated first contacts are bounded (PROTOCOL.md §10.6): the oldest half-open
+        // association gives way; established ones never do.
+        if self.config.max_half_open == 0 {
+            self.stats.refused += 1;
+            return;
+        }
+        while self.half_open.len() >= self.config.max_half_open {
+            let Some(old) = self.half_open.pop_front() else {
+                break;
+            };
+            self.evict(old);
+            self.stats.half_open_evicted += 1;
         }
         if self.assocs.len() >= self.config.max_associations {
             self.stats.refused += 1;
@@ -958,9 +1216,26 @@ impl DatagramSocket {
         self.install(from, id, socket, key, Some((eph, welcome)));
     }
 
+    /// Forget a half-open association (its first contact never proved it can be reached).
+    fn evict(&mut self, id: u64) {
+        let Some(a) = self.assocs.remove(&id) else {
+            return;
+        };
+        for addr in [a.known_addr, a.addr] {
+            if self.by_addr.get(&addr) == Some(&id) {
+                self.by_addr.remove(&addr);
+            }
+        }
+        if let Some((waiting, _)) = self.freezing.as_mut() {
+            waiting.retain(|w| *w != id);
+        }
+    }
+
     /// A completed association becomes a row of the table (claims 9, 21b, 23): the datagrams
     /// queued for this first contact (ours, if our own Hello lost a tie or was answered) go out
-    /// on it, and if we are freezing, the new peer is told to hold for us too.
+    /// on it, and if we are freezing, the new peer is told to hold for us too. An association
+    /// we answered (`answered`) is half-open until the peer sends an authenticated packet; it
+    /// only takes over an address an established association has once confirmed.
     fn install(
         &mut self,
         from: SocketAddr,
@@ -969,35 +1244,48 @@ impl DatagramSocket {
         key: SessionKey,
         answered: Option<([u8; 32], Bytes)>,
     ) {
+        let confirmed = answered.is_none();
+        let mut row = Assoc::new(id, self.id, peer, key, from, confirmed);
+        row.answered = answered;
         if let Some(h) = self.handshakes.remove(&from) {
             for payload in h.queued {
-                let p = Packet::Data { assoc: id, payload }.encode();
+                let p = row.data_packet(&payload, self.config.insecure_plaintext);
                 self.transmits.push_back((from, p));
                 self.stats.sent += 1;
             }
         }
-        self.by_addr.insert(from, id);
-        self.assocs.insert(
-            id,
-            Assoc {
-                id,
-                peer,
-                key,
-                known_addr: from,
-                addr: from,
-                peer_epoch: 0,
-                reassoc: None,
-                migrating_since: None,
-                held: VecDeque::new(),
-                answered,
-            },
-        );
+        let taken = self
+            .by_addr
+            .get(&from)
+            .and_then(|o| self.assocs.get(o))
+            .is_some_and(|o| o.confirmed);
+        if confirmed || !taken {
+            self.by_addr.insert(from, id);
+        }
+        if !confirmed {
+            self.half_open.push_back(id);
+        }
+        self.assocs.insert(id, row);
         self.events
             .push_back(DatagramEvent::Associated { peer: from });
         if self.freezing.is_some() {
             self.announce_freezing(id);
             self.check_frozen();
         }
+    }
+
+    /// The peer of association `id` sent an authenticated packet: a half-open association is
+    /// established (and takes over its address in the translation table).
+    fn confirm(&mut self, id: u64) {
+        let Some(a) = self.assocs.get_mut(&id) else {
+            return;
+        };
+        if a.confirmed {
+            return;
+        }
+        a.confirmed = true;
+        self.by_addr.insert(a.known_addr, id);
+        self.half_open.retain(|h| *h != id);
     }
 
     fn on_welcome(&mut self, from: SocketAddr, w: Packet) {
@@ -1032,17 +1320,57 @@ impl DatagramSocket {
         self.install(from, id, *socket, key, None);
     }
 
-    fn on_data(&mut self, now: Instant, assoc: u64, payload: Bytes) {
+    /// `Data` (PROTOCOL.md §10.3): refused unless its counter is new to the replay window and
+    /// it authenticates; then queued for the application under the peer's known address.
+    #[allow(clippy::too_many_arguments)]
+    fn on_data(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        len: u64,
+        assoc: u64,
+        counter: u64,
+        body: Bytes,
+        plaintext: bool,
+    ) {
         let Some(a) = self.assocs.get_mut(&assoc) else {
             self.stats.refused += 1;
             return;
         };
+        if plaintext != self.config.insecure_plaintext {
+            // Clear data to a socket that encrypts, or the reverse: both ends must agree.
+            self.stats.refused += 1;
+            return;
+        }
+        if !a.window.fresh(counter) {
+            self.stats.replayed += 1;
+            return;
+        }
+        let payload = if plaintext {
+            body
+        } else {
+            let header = data_header(dkind::DATA, assoc, counter);
+            match aead::open(&a.rx, counter, &header, &body) {
+                Some(p) => p,
+                None => {
+                    self.stats.refused += 1;
+                    self.stats.auth_failed += 1;
+                    return;
+                }
+            }
+        };
+        a.window.mark(counter);
+        if let Some(p) = a.probes.iter_mut().find(|p| p.addr == from) {
+            p.received += len;
+        }
         let known = a.known_addr;
         // Claim 28: data from a peer whose acknowledgement of our re-association has not
         // arrived yet: send the request again (at most once per fifth of the first retry
         // delay, so a burst of data does not become a burst of requests).
         let gap = self.config.retry_initial / 5;
-        if a.reassoc.as_ref().is_some_and(|r| now >= r.last_sent + gap) {
+        let resend = a.reassoc.as_ref().is_some_and(|r| now >= r.last_sent + gap);
+        self.confirm(assoc);
+        if resend {
             self.stats.reassoc_resent_on_data += 1;
             self.send_reassoc(now, assoc, true);
         }
@@ -1055,79 +1383,214 @@ impl DatagramSocket {
         self.wake_recv = true;
     }
 
-    fn on_reassoc(&mut self, p: Packet) {
+    /// `Reassoc` (PROTOCOL.md §10.5): authenticated, at a newer epoch, from the address it
+    /// came from. From the address we already send to it completes at once; from another one
+    /// that address must first answer a path challenge, and datagrams for the peer are held
+    /// meanwhile.
+    fn on_reassoc(&mut self, now: Instant, from: SocketAddr, len: u64, p: Packet) {
         let Packet::Reassoc {
-            assoc,
-            epoch,
-            addr,
-            mac,
-            ..
+            assoc, epoch, mac, ..
         } = &p
         else {
             return;
         };
-        let Some(a) = self.assocs.get_mut(assoc) else {
+        let (assoc, epoch) = (*assoc, *epoch);
+        let Some(a) = self.assocs.get(&assoc) else {
             self.stats.refused += 1;
             return;
         };
-        let signed = p.signed();
-        if !crypto::verify(&a.key, LABEL_REASSOC, &[&signed], mac) {
+        if !crypto::verify(&a.key, LABEL_REASSOC, &[&p.signed()], mac) {
             self.stats.refused += 1;
             return;
         }
         // Strictly increasing epochs: a replay of an older request is refused; the current one
-        // again (a resend) is only acknowledged again.
-        if *epoch < a.peer_epoch || (*epoch == a.peer_epoch && *addr != a.addr) {
+        // again (a resend) from the current address is only acknowledged again, from anywhere
+        // else refused (a replay cannot move the peer back, nor anywhere).
+        let (peer_epoch, current) = (a.peer_epoch, a.addr);
+        let fresh_probe = !a.probes.iter().any(|p| p.addr == from);
+        self.confirm(assoc);
+        if epoch < peer_epoch || (epoch == peer_epoch && from != current) {
             self.stats.refused += 1;
             return;
         }
-        let moved = *epoch > a.peer_epoch;
-        let old = a.addr;
-        a.peer_epoch = *epoch;
-        a.addr = *addr;
-        let id = a.id;
-        let known = a.known_addr;
-        let ack = Packet::ReassocAck {
-            assoc: id,
-            epoch: *epoch,
-            mac: control_mac(&a.key, LABEL_ACK, id, *epoch),
-        }
-        .encode();
-        if !moved {
-            // A resend, duplicate or replay of the current request: acknowledged again, nothing
-            // more. A hold stays: a `Freezing` at this epoch can only have come after it.
-            self.transmits.push_back((*addr, ack));
+        if epoch == peer_epoch {
+            // A hold stays: a `Freezing` at this epoch can only have come after it.
+            self.send_reassoc_ack(assoc, epoch, from);
             return;
         }
-        // Send what was held for the peer while it migrated (in order, before anything new).
-        let held: Vec<Bytes> = a.held.drain(..).collect();
+        if from == current {
+            // Thawed where it was: that address is the validated one.
+            self.complete_move(assoc, from, epoch);
+            return;
+        }
+        let mut challenge = [0u8; CHALLENGE_LEN];
+        if fresh_probe {
+            self.rng.fill_bytes(&mut challenge);
+        }
+        let a = self.assocs.get_mut(&assoc).expect("looked up above");
+        // Hold what the application sends the peer until the new address answers.
+        a.migrating_since.get_or_insert(now);
+        if fresh_probe {
+            if a.probes.len() >= MAX_PATH_PROBES {
+                a.probes.remove(0);
+            }
+            a.probes.push(Probe {
+                addr: from,
+                epoch,
+                challenge,
+                received: 0,
+                sent: 0,
+                resend_at: None,
+            });
+        }
+        let probe = a
+            .probes
+            .iter_mut()
+            .find(|p| p.addr == from)
+            .expect("found or pushed above");
+        probe.epoch = probe.epoch.max(epoch);
+        probe.received += len;
+        self.challenge(now, assoc, from);
+    }
+
+    /// Send the path challenge of association `assoc`'s probe of `addr`, within the
+    /// anti-amplification limit (RFC 9000 §8: at most 3x the bytes received from that
+    /// address), and schedule a resend if the limit allows one more.
+    fn challenge(&mut self, now: Instant, assoc: u64, addr: SocketAddr) {
+        let retry = self.config.retry_initial;
+        let Some(a) = self.assocs.get_mut(&assoc) else {
+            return;
+        };
+        let Some(probe) = a.probes.iter_mut().find(|p| p.addr == addr) else {
+            return;
+        };
+        let data = probe.challenge;
+        let packet = Packet::PathChallenge {
+            assoc,
+            data,
+            mac: path_mac(&a.key, LABEL_PATH_CHALLENGE, assoc, &data),
+        }
+        .encode();
+        let size = packet.len() as u64;
+        let budget = AMPLIFICATION_FACTOR * probe.received;
+        if probe.sent + size > budget {
+            probe.resend_at = None;
+            self.stats.amplification_limited += 1;
+            return;
+        }
+        probe.sent += size;
+        probe.resend_at = (probe.sent + size <= budget).then_some(now + retry);
+        self.transmits.push_back((addr, packet));
+        self.stats.path_challenges_sent += 1;
+    }
+
+    fn send_reassoc_ack(&mut self, assoc: u64, epoch: u64, to: SocketAddr) {
+        let Some(a) = self.assocs.get(&assoc) else {
+            return;
+        };
+        let ack = Packet::ReassocAck {
+            assoc,
+            epoch,
+            mac: control_mac(&a.key, LABEL_ACK, assoc, epoch),
+        }
+        .encode();
+        self.transmits.push_back((to, ack));
+    }
+
+    /// A `PathChallenge` is answered only to the address we send the peer's traffic to, so
+    /// nobody can use us to vouch for another address.
+    fn on_path_challenge(
+        &mut self,
+        from: SocketAddr,
+        assoc: u64,
+        data: [u8; CHALLENGE_LEN],
+        mac: [u8; MAC_LEN],
+    ) {
+        let Some(a) = self.assocs.get(&assoc) else {
+            self.stats.refused += 1;
+            return;
+        };
+        if !path_mac_ok(&a.key, LABEL_PATH_CHALLENGE, assoc, &data, &mac) || from != a.addr {
+            self.stats.refused += 1;
+            return;
+        }
+        let response = Packet::PathResponse {
+            assoc,
+            data,
+            mac: path_mac(&a.key, LABEL_PATH_RESPONSE, assoc, &data),
+        }
+        .encode();
+        self.transmits.push_back((from, response));
+        self.confirm(assoc);
+    }
+
+    /// A `PathResponse` from an address being validated, echoing its challenge: the peer is
+    /// there; the re-association completes.
+    fn on_path_response(
+        &mut self,
+        _now: Instant,
+        from: SocketAddr,
+        assoc: u64,
+        data: [u8; CHALLENGE_LEN],
+        mac: [u8; MAC_LEN],
+    ) {
+        let Some(a) = self.assocs.get(&assoc) else {
+            self.stats.refused += 1;
+            return;
+        };
+        if !path_mac_ok(&a.key, LABEL_PATH_RESPONSE, assoc, &data, &mac) {
+            self.stats.refused += 1;
+            return;
+        }
+        // A late duplicate (the path is validated already) or a response to a challenge we
+        // replaced is ignored quietly: it proves nothing about an address now.
+        let Some(epoch) = a
+            .probes
+            .iter()
+            .find(|p| p.addr == from && p.challenge == data)
+            .map(|p| p.epoch)
+        else {
+            return;
+        };
+        if epoch <= a.peer_epoch {
+            return;
+        }
+        self.confirm(assoc);
+        self.complete_move(assoc, from, epoch);
+    }
+
+    /// The peer is at `addr` from `epoch` on: tables updated (claims 26, 27, 42, 43),
+    /// `ReassocAck` sent there, then everything held for it, in order, before anything new.
+    fn complete_move(&mut self, id: u64, addr: SocketAddr, epoch: u64) {
+        let plaintext = self.config.insecure_plaintext;
+        let Some(a) = self.assocs.get_mut(&id) else {
+            return;
+        };
+        let old = a.addr;
+        let known = a.known_addr;
+        a.peer_epoch = epoch;
+        a.addr = addr;
+        a.probes.clear();
         a.migrating_since = None;
-        self.transmits.push_back((*addr, ack));
-        for d in held {
-            self.transmits.push_back((
-                *addr,
-                Packet::Data {
-                    assoc: id,
-                    payload: d,
-                }
-                .encode(),
-            ));
+        let held: Vec<Bytes> = a.held.drain(..).collect();
+        let packets: Vec<Bytes> = held.iter().map(|d| a.data_packet(d, plaintext)).collect();
+        self.send_reassoc_ack(id, epoch, addr);
+        for p in packets {
+            self.transmits.push_back((addr, p));
             self.stats.sent += 1;
             self.stats.held_and_sent += 1;
         }
-        if moved {
-            // The translation table: the application's address for the peer, and the one it
-            // used last, both lead to the new address (claims 27, 42, 43).
-            if old != known && self.by_addr.get(&old) == Some(&id) {
-                self.by_addr.remove(&old);
-            }
-            self.by_addr.insert(*addr, id);
-            self.stats.reassoc_accepted += 1;
-            self.events.push_back(DatagramEvent::PeerMoved {
-                peer: known,
-                now_at: *addr,
-            });
+        // The translation table: the application's address for the peer, and the one it
+        // used last, both lead to the new address (claims 27, 42, 43).
+        if old != known && self.by_addr.get(&old) == Some(&id) {
+            self.by_addr.remove(&old);
         }
+        self.by_addr.insert(addr, id);
+        self.stats.reassoc_accepted += 1;
+        self.events.push_back(DatagramEvent::PeerMoved {
+            peer: known,
+            now_at: addr,
+        });
     }
 
     fn on_reassoc_ack(&mut self, assoc: u64, epoch: u64, mac: [u8; MAC_LEN]) {
@@ -1143,6 +1606,7 @@ impl DatagramSocket {
             let peer = a.known_addr;
             self.events.push_back(DatagramEvent::Reassociated { peer });
         }
+        self.confirm(assoc);
     }
 
     fn on_freezing(&mut self, now: Instant, assoc: u64, epoch: u64, mac: [u8; MAC_LEN]) {
@@ -1163,6 +1627,7 @@ impl DatagramSocket {
         }
         .encode();
         self.transmits.push_back((a.addr, ack));
+        self.confirm(assoc);
     }
 
     fn on_freezing_ack(&mut self, assoc: u64, epoch: u64, mac: [u8; MAC_LEN]) {
@@ -1177,6 +1642,7 @@ impl DatagramSocket {
         if let Some((waiting, _)) = self.freezing.as_mut() {
             waiting.retain(|id| *id != assoc);
         }
+        self.confirm(assoc);
         self.check_frozen();
     }
 
@@ -1189,7 +1655,6 @@ impl DatagramSocket {
         let mut p = Packet::Reassoc {
             assoc: id,
             epoch: self.epoch,
-            addr: self.local,
             nonce,
             mac: [0; 32],
         };
@@ -1261,12 +1726,26 @@ impl DatagramSocket {
                 self.send_reassoc(now, id, true);
             }
         }
+        let due: Vec<(u64, SocketAddr)> = self
+            .assocs
+            .values()
+            .flat_map(|a| {
+                a.probes
+                    .iter()
+                    .filter(|p| p.resend_at.is_some_and(|t| t <= now))
+                    .map(|p| (a.id, p.addr))
+            })
+            .collect();
+        for (id, addr) in due {
+            self.challenge(now, id, addr);
+        }
         let hold = self.config.hold_timeout;
         for a in self.assocs.values_mut() {
             if a.migrating_since
                 .is_some_and(|t| now.saturating_duration_since(t) >= hold)
             {
                 a.migrating_since = None;
+                a.probes.clear();
                 self.stats.dropped_unreachable += a.held.len() as u64;
                 a.held.clear();
                 self.events
@@ -1304,12 +1783,69 @@ impl DatagramSocket {
             .assocs
             .values()
             .filter_map(|a| a.migrating_since.map(|t| t + self.config.hold_timeout));
-        hs.chain(ra).chain(hold).min()
+        let probes = self
+            .assocs
+            .values()
+            .flat_map(|a| a.probes.iter().filter_map(|p| p.resend_at));
+        hs.chain(ra).chain(hold).chain(probes).min()
     }
 }
 
 /// First bytes of every datagram-socket image.
 pub const DATAGRAM_IMAGE_MAGIC: [u8; 8] = *b"ROAMDGI\0";
+/// The datagram image format version this crate writes and reads. Version 2 added the packet
+/// counters and replay windows of encrypted `Data`; version 1 images are refused
+/// ([`crate::ImageError::UnsupportedVersion`]).
+pub const DATAGRAM_IMAGE_VERSION: u16 = 2;
+/// Counters in a datagram image's statistics.
+const STATS_FIELDS: usize = 16;
+
+/// `magic | version u16 | body length u32 | body | SHA-256 of all before` (PROTOCOL.md §7's
+/// envelope, with the datagram image's own version).
+fn seal_image(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(14 + body.len() + 32);
+    out.put_slice(&DATAGRAM_IMAGE_MAGIC);
+    out.put_u16(DATAGRAM_IMAGE_VERSION);
+    // Image bodies are bounded by the socket's queue capacities (far below 4 GiB).
+    out.put_u32(body.len() as u32);
+    out.put_slice(body);
+    let digest = crypto::sha256(&out);
+    out.put_slice(&digest);
+    out
+}
+
+/// Check a datagram image's envelope (magic, version, exact length, digest); return its body.
+fn open_image(bytes: &[u8]) -> Result<&[u8], crate::ImageError> {
+    use crate::ImageError;
+    const PREFIX: usize = 14;
+    if bytes.len() < 8 || bytes[..8] != DATAGRAM_IMAGE_MAGIC {
+        return Err(if DATAGRAM_IMAGE_MAGIC.starts_with(bytes) {
+            ImageError::Truncated
+        } else {
+            ImageError::Foreign
+        });
+    }
+    if bytes.len() < PREFIX + 32 {
+        return Err(ImageError::Truncated);
+    }
+    let version = u16::from_be_bytes([bytes[8], bytes[9]]);
+    if version != DATAGRAM_IMAGE_VERSION {
+        return Err(ImageError::UnsupportedVersion(version));
+    }
+    let body_len = u32::from_be_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]) as usize;
+    let expected = PREFIX + body_len + 32;
+    if bytes.len() < expected {
+        return Err(ImageError::Truncated);
+    }
+    if bytes.len() > expected {
+        return Err(ImageError::Trailing(bytes.len() - expected));
+    }
+    let (signed, digest) = bytes.split_at(PREFIX + body_len);
+    if crypto::sha256(signed) != digest {
+        return Err(ImageError::Corrupt);
+    }
+    Ok(&signed[PREFIX..])
+}
 
 impl DatagramImage {
     /// Encode for transport or storage (same envelope as stream images, PROTOCOL.md §7).
@@ -1326,6 +1862,12 @@ impl DatagramImage {
             b.put_socket_addr(a.known_addr);
             b.put_socket_addr(a.addr);
             b.put_u64(a.peer_epoch);
+            b.put_u64(a.tx_counter);
+            b.put_u64(a.window.next);
+            for w in a.window.bits {
+                b.put_u64(w);
+            }
+            b.put_u8(u8::from(a.confirmed));
             put_datagrams(&mut b, &a.held);
         }
         b.put_u32(self.pending.len() as u32);
@@ -1341,13 +1883,13 @@ impl DatagramImage {
         for v in stats_fields(&self.stats) {
             b.put_u64(v);
         }
-        crate::image::seal(&DATAGRAM_IMAGE_MAGIC, &b)
+        seal_image(&b)
     }
 
     /// Decode and verify an image made by [`DatagramImage::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<DatagramImage, crate::ImageError> {
         use crate::ImageError;
-        let mut r = Reader::new(crate::image::open(&DATAGRAM_IMAGE_MAGIC, bytes)?);
+        let mut r = Reader::new(open_image(bytes)?);
         let id = SocketId(r.array("socket id")?);
         let epoch = r.u64("epoch")?;
         let origin = r.socket_addr("origin")?;
@@ -1361,6 +1903,16 @@ impl DatagramImage {
                 known_addr: r.socket_addr("known address")?,
                 addr: r.socket_addr("address")?,
                 peer_epoch: r.u64("peer epoch")?,
+                tx_counter: r.u64("packet counter")?,
+                window: {
+                    let next = r.u64("replay window")?;
+                    let mut bits = [0u64; WINDOW_WORDS];
+                    for w in &mut bits {
+                        *w = r.u64("replay window")?;
+                    }
+                    ReplayWindow { next, bits }
+                },
+                confirmed: r.bool("confirmed")?,
                 held: get_datagrams(&mut r)?,
             });
         }
@@ -1375,7 +1927,7 @@ impl DatagramImage {
             let from = r.socket_addr("sender")?;
             inbox.push((from, Bytes::copy_from_slice(r.var_bytes("datagram")?)));
         }
-        let mut st = [0u64; 11];
+        let mut st = [0u64; STATS_FIELDS];
         for v in &mut st {
             *v = r.u64("stats")?;
         }
@@ -1383,7 +1935,9 @@ impl DatagramImage {
         const LIMIT: u64 = 1 << 62;
         if epoch >= LIMIT
             || st.iter().any(|&v| v >= LIMIT)
-            || assocs.iter().any(|a| a.peer_epoch >= LIMIT)
+            || assocs
+                .iter()
+                .any(|a| a.peer_epoch >= LIMIT || a.tx_counter >= LIMIT || a.window.next >= LIMIT)
         {
             return Err(ImageError::Inconsistent("counters out of range"));
         }
@@ -1419,12 +1973,17 @@ impl DatagramImage {
                 reassoc_accepted: st[8],
                 refused: st[9],
                 migrations: st[10],
+                auth_failed: st[11],
+                replayed: st[12],
+                path_challenges_sent: st[13],
+                amplification_limited: st[14],
+                half_open_evicted: st[15],
             },
         })
     }
 }
 
-fn stats_fields(s: &DatagramStats) -> [u64; 11] {
+fn stats_fields(s: &DatagramStats) -> [u64; STATS_FIELDS] {
     [
         s.sent,
         s.received,
@@ -1437,6 +1996,11 @@ fn stats_fields(s: &DatagramStats) -> [u64; 11] {
         s.reassoc_accepted,
         s.refused,
         s.migrations,
+        s.auth_failed,
+        s.replayed,
+        s.path_challenges_sent,
+        s.amplification_limited,
+        s.half_open_evicted,
     ]
 }
 
@@ -1576,14 +2140,29 @@ mod tests {
             },
             Packet::Data {
                 assoc: 7,
+                counter: 3,
+                sealed: Bytes::from_static(b"x and a 16-byte tag"),
+            },
+            Packet::PlainData {
+                assoc: 7,
+                counter: 3,
                 payload: Bytes::from_static(b"x"),
             },
             Packet::Reassoc {
                 assoc: 7,
                 epoch: 2,
-                addr: addr(9, 9),
                 nonce: [1; 16],
                 mac: [2; 32],
+            },
+            Packet::PathChallenge {
+                assoc: 7,
+                data: [5; 16],
+                mac: [6; 32],
+            },
+            Packet::PathResponse {
+                assoc: 7,
+                data: [5; 16],
+                mac: [6; 32],
             },
             Packet::ReassocAck {
                 assoc: 7,
@@ -1605,7 +2184,12 @@ mod tests {
             let b = p.encode();
             assert_eq!(Packet::decode(b.clone()).unwrap(), p);
             for n in 0..b.len() {
-                if !matches!(p, Packet::Data { .. }) || n < DATA_OVERHEAD {
+                let min = match p {
+                    Packet::Data { .. } => DATA_OVERHEAD,
+                    Packet::PlainData { .. } => DATA_HEADER,
+                    _ => b.len(),
+                };
+                if n < min {
                     assert!(Packet::decode(b.slice(..n)).is_err());
                 }
             }

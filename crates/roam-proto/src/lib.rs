@@ -39,6 +39,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod aead;
 pub mod codec;
 mod crypto;
 pub mod datagram;

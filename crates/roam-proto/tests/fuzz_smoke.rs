@@ -683,26 +683,42 @@ fn packet() -> impl Strategy<Value = Packet> {
                 nonce,
                 mac
             }),
-        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(assoc, p)| {
-            Packet::Data {
-                assoc,
-                payload: Bytes::from(p),
-            }
-        }),
         (
             any::<u64>(),
             any::<u64>(),
-            addr(),
+            proptest::collection::vec(any::<u8>(), 16..300)
+        )
+            .prop_map(|(assoc, counter, p)| Packet::Data {
+                assoc,
+                counter,
+                sealed: Bytes::from(p),
+            }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..300)
+        )
+            .prop_map(|(assoc, counter, p)| Packet::PlainData {
+                assoc,
+                counter,
+                payload: Bytes::from(p),
+            }),
+        (
+            any::<u64>(),
+            any::<u64>(),
             any::<[u8; 16]>(),
             any::<[u8; 32]>()
         )
-            .prop_map(|(assoc, epoch, addr, nonce, mac)| Packet::Reassoc {
+            .prop_map(|(assoc, epoch, nonce, mac)| Packet::Reassoc {
                 assoc,
                 epoch,
-                addr,
                 nonce,
                 mac
             }),
+        (any::<u64>(), any::<[u8; 16]>(), any::<[u8; 32]>())
+            .prop_map(|(assoc, data, mac)| Packet::PathChallenge { assoc, data, mac }),
+        (any::<u64>(), any::<[u8; 16]>(), any::<[u8; 32]>())
+            .prop_map(|(assoc, data, mac)| Packet::PathResponse { assoc, data, mac }),
         (any::<u64>(), any::<u64>(), any::<[u8; 32]>())
             .prop_map(|(assoc, epoch, mac)| Packet::ReassocAck { assoc, epoch, mac }),
         (any::<u64>(), any::<u64>(), any::<[u8; 32]>())
@@ -771,6 +787,23 @@ fn genuine_datagram_image(
     a.image().expect("frozen").to_bytes()
 }
 
+/// Two associated sockets and a genuine encrypted `Data` packet from the first to the second
+/// (not yet delivered): `(receiver, sender's address, packet)`.
+fn genuine_data_packet(seed: u8, payload: &[u8]) -> (DatagramSocket, SocketAddr, Bytes) {
+    let now = Instant::now();
+    let cfg = DatagramConfig::default();
+    let at = |h: u8| SocketAddr::from(([127, 0, 0, h], 4000));
+    let mut a = DatagramSocket::new(cfg.clone(), at(2), [seed; 32]);
+    let mut b = DatagramSocket::new(cfg, at(3), [seed.wrapping_add(1); 32]);
+    a.send_to(now, at(3), b"first").unwrap();
+    pump_datagrams(now, &mut [&mut a, &mut b]);
+    assert!(b.recv().is_some());
+    a.send_to(now, at(3), payload).unwrap();
+    let (_, p) = a.poll_transmit().expect("the data packet");
+    assert_eq!(p[0], dkind::DATA);
+    (b, at(2), p)
+}
+
 fn datagrams() -> impl Strategy<Value = Vec<Vec<u8>>> {
     proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..4)
 }
@@ -781,7 +814,7 @@ proptest! {
     #[test]
     fn random_bytes_never_panic_the_packet_decoder(
         mut data in proptest::collection::vec(any::<u8>(), 0..200),
-        ty in dkind::HELLO..=dkind::FREEZING_ACK,
+        ty in dkind::HELLO..=dkind::PLAIN_DATA,
         typed: bool,
     ) {
         if typed && !data.is_empty() {
@@ -799,6 +832,30 @@ proptest! {
         prop_assert!(datagram_checks::check_packet(&b));
         prop_assert_eq!(Packet::decode(b.clone()).ok(), Some(p));
         datagram_checks::check_packet(&mutate(b.to_vec(), &ms));
+    }
+
+    #[test]
+    fn altered_encrypted_data_is_never_delivered_and_replays_never_twice(
+        seed: u8,
+        payload in proptest::collection::vec(any::<u8>(), 0..200),
+        ms in proptest::collection::vec(mutation(), 1..4),
+    ) {
+        let (mut b, from, genuine) = genuine_data_packet(seed, &payload);
+        let now = Instant::now();
+        let bad = mutate(genuine.to_vec(), &ms);
+        datagram_checks::check_packet(&bad);
+        b.handle(now, from, Bytes::from(bad.clone()));
+        if bad[..] != genuine[..] {
+            prop_assert!(b.recv().is_none(), "an altered packet was delivered");
+        }
+        // The genuine packet is delivered once, its replays never.
+        let before = b.stats().replayed;
+        for _ in 0..3 {
+            b.handle(now, from, genuine.clone());
+        }
+        let got = std::iter::from_fn(|| b.recv()).count();
+        prop_assert!(got <= 1);
+        prop_assert_eq!(b.stats().replayed, before + 3 - got as u64);
     }
 
     #[test]
@@ -883,34 +940,49 @@ fn write_datagram_seed_corpus() {
             "data",
             Packet::Data {
                 assoc: 0x0102_0304_0506_0708,
-                payload: Bytes::from_static(b"hello"),
+                counter: 3,
+                sealed: Bytes::from_static(b"hello, and a 16-byte tag"),
             },
         ),
         (
             "data-empty",
             Packet::Data {
                 assoc: 9,
-                payload: Bytes::new(),
+                counter: 0,
+                sealed: Bytes::from_static(&[0xaa; 16]),
             },
         ),
         (
-            "reassoc-v4",
+            "plain-data",
+            Packet::PlainData {
+                assoc: 9,
+                counter: 1,
+                payload: Bytes::from_static(b"hello"),
+            },
+        ),
+        (
+            "reassoc",
             Packet::Reassoc {
                 assoc: 9,
                 epoch: 1,
-                addr: "127.0.0.3:4000".parse().unwrap(),
                 nonce: [8; 16],
                 mac: [9; 32],
             },
         ),
         (
-            "reassoc-v6",
-            Packet::Reassoc {
+            "path-challenge",
+            Packet::PathChallenge {
                 assoc: 9,
-                epoch: 2,
-                addr: "[::1]:4001".parse().unwrap(),
-                nonce: [10; 16],
-                mac: [11; 32],
+                data: [15; 16],
+                mac: [16; 32],
+            },
+        ),
+        (
+            "path-response",
+            Packet::PathResponse {
+                assoc: 9,
+                data: [15; 16],
+                mac: [17; 32],
             },
         ),
         (

@@ -45,8 +45,10 @@ fn assert_not_redirected(net: &mut Net, peer: usize, genuine: SocketAddr) {
     let (from, _) = last(net, peer).expect("the peer got the answer");
     assert_eq!(from, net.nodes[M].first_addr());
     assert!(
-        !net.log.iter().any(|s| s.to == eve() && s.node.is_some()),
-        "nothing is ever sent to the attacker"
+        !net.log
+            .iter()
+            .any(|s| s.to == eve() && s.node.is_some() && s.kind() != dkind::PATH_CHALLENGE),
+        "nothing but path challenges is ever sent to the attacker"
     );
 }
 
@@ -89,33 +91,18 @@ fn roam_mac(key: &[u8; 32], label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     hmac(key, &msg)
 }
 
-fn put_addr(v: &mut Vec<u8>, a: SocketAddr) {
-    match a {
-        SocketAddr::V4(a) => {
-            v.push(4);
-            v.extend_from_slice(&a.ip().octets());
-        }
-        SocketAddr::V6(a) => {
-            v.push(6);
-            v.extend_from_slice(&a.ip().octets());
-        }
-    }
-    v.extend_from_slice(&a.port().to_be_bytes());
-}
-
-/// A `Reassoc` MAC'd under `key` exactly as the socket does.
-fn reassoc_under(key: &[u8; 32], assoc: u64, epoch: u64, to: SocketAddr) -> Bytes {
+/// A `Reassoc` MAC'd under `key` exactly as the socket does (the peer takes the address it
+/// comes from).
+fn reassoc_under(key: &[u8; 32], assoc: u64, epoch: u64) -> Bytes {
     let nonce = [0x42; 16];
     let mut signed = Vec::new();
     signed.extend_from_slice(&assoc.to_be_bytes());
     signed.extend_from_slice(&epoch.to_be_bytes());
-    put_addr(&mut signed, to);
     signed.extend_from_slice(&nonce);
     let mac = roam_mac(key, b"roam/v1/dgram-reassoc", &[&signed]);
     let p = Packet::Reassoc {
         assoc,
         epoch,
-        addr: to,
         nonce,
         mac,
     };
@@ -124,7 +111,8 @@ fn reassoc_under(key: &[u8; 32], assoc: u64, epoch: u64, to: SocketAddr) -> Byte
 
 /// (association id, key) of every association in an encoded datagram image, read from its
 /// body layout (PROTOCOL.md §10.4): id, epoch, origin, count, then per association id, peer
-/// socket id, key, known address, address, peer epoch and held datagrams.
+/// socket id, key, known address, address, peer epoch, packet counter, replay window (18
+/// words), confirmed flag and held datagrams.
 fn image_keys(image: &[u8]) -> Vec<(u64, [u8; 32])> {
     struct R<'a>(&'a [u8]);
     impl R<'_> {
@@ -156,6 +144,7 @@ fn image_keys(image: &[u8]) -> Vec<(u64, [u8; 32])> {
         r.addr();
         r.addr();
         r.u64();
+        r.take(8 + 18 * 8 + 1);
         for _ in 0..r.u32() {
             let len = r.u32() as usize;
             r.take(len);
@@ -182,7 +171,6 @@ fn forged_reassoc_with_a_random_mac_is_refused() {
             let forged = Packet::Reassoc {
                 assoc,
                 epoch,
-                addr: eve(),
                 nonce,
                 mac,
             };
@@ -214,27 +202,27 @@ fn reassoc_under_another_associations_key_is_refused_and_the_genuine_key_is_the_
     let (_, k2) = *keys.iter().find(|(id, _)| *id != a1).unwrap();
     // Association 1's id, a fresh epoch, the attacker's address, MAC'd with association 2's key.
     let before = net.sock(1).stats().refused;
-    net.inject(
-        eve(),
-        net.nodes[1].first_addr(),
-        reassoc_under(&k2, a1, 9, eve()),
-    );
+    net.inject(eve(), net.nodes[1].first_addr(), reassoc_under(&k2, a1, 9));
     net.run_for(10 * MS);
     assert_eq!(net.sock(1).stats().refused, before + 1);
     assert_eq!(net.sock(1).peers()[0].peer_epoch, 1);
     assert_not_redirected(&mut net, 1, genuine);
 
     // Control: the same packet under the right key is accepted (so the refusal above is the
-    // key's doing, not a mistake in this test's MAC). That is the image-theft threat: whoever
-    // holds an image's keys can re-associate, which is why images are to be guarded.
-    net.inject(
-        eve(),
-        net.nodes[1].first_addr(),
-        reassoc_under(&k1, a1, 9, eve()),
-    );
+    // key's doing, not a mistake in this test's MAC): the peer challenges the address it came
+    // from. Even a thief holding the key does not redirect traffic to an address that cannot
+    // answer the challenge; the peer holds (as for a `Freezing`, which the key also allows)
+    // until the hold timeout, then sends to the genuine address again.
+    let challenges = net.sock(1).stats().path_challenges_sent;
+    net.inject(eve(), net.nodes[1].first_addr(), reassoc_under(&k1, a1, 9));
     net.run_for(10 * MS);
+    assert_eq!(net.sock(1).stats().path_challenges_sent, challenges + 1);
     let row = &net.sock(1).peers()[0];
-    assert_eq!((row.addr, row.peer_epoch), (eve(), 9));
+    assert_eq!((row.addr, row.peer_epoch), (genuine, 1), "not redirected");
+    assert!(row.migrating, "holding for the unvalidated address");
+    net.run_for(net.nodes[1].config.hold_timeout + 10 * MS);
+    assert!(!net.sock(1).peers()[0].migrating);
+    assert_not_redirected(&mut net, 1, genuine);
 }
 
 #[test]
@@ -261,16 +249,22 @@ fn replayed_reassoc_from_an_earlier_epoch_is_refused() {
 }
 
 #[test]
-fn replayed_current_reassoc_is_acknowledged_to_the_genuine_socket_only() {
+fn replayed_current_reassoc_from_another_address_is_refused_and_only_the_genuine_is_acked() {
     let mut net = star(43, 1);
     let e1 = addr(75, 4000);
     net.migrate(M, e1);
     assert!(net.settle(SETTLE));
     let cur = reassocs(&net, e1, 1);
     let acks = net.captured(dkind::REASSOC_ACK, Some(1)).len();
+    // From the attacker's address: refused, nothing sent anywhere.
+    let before = net.sock(1).stats().refused;
     net.inject(eve(), net.nodes[1].first_addr(), cur[0].clone());
     assert!(net.settle(SETTLE));
-    // An idempotent resend: acknowledged again (to the address inside it), not a move.
+    assert_eq!(net.sock(1).stats().refused, before + 1);
+    assert_eq!(net.captured(dkind::REASSOC_ACK, Some(1)).len(), acks);
+    // From the genuine address (a resend, or a duplicate): acknowledged again, not a move.
+    net.inject(e1, net.nodes[1].first_addr(), cur[0].clone());
+    assert!(net.settle(SETTLE));
     let after = net.captured(dkind::REASSOC_ACK, Some(1));
     assert_eq!(after.len(), acks + 1);
     assert_eq!(after.last().unwrap().to, e1);

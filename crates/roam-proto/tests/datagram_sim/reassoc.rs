@@ -41,9 +41,9 @@ fn data_before_the_reassoc_ack_resends_the_request() {
         "one resend for a burst of five"
     );
     assert_eq!(s.reassoc_sent, 2);
-    // Sent at the thaw, again when the held data arrived (one round trip later), well before
-    // the 50 ms retry timer.
-    assert_eq!(reassoc_times(&net, M, 1, thawed), [0, 10]);
+    // Sent at the thaw, again when the held data arrived (two round trips later: the peer
+    // validated the new address first), well before the 50 ms retry timer.
+    assert_eq!(reassoc_times(&net, M, 1, thawed), [0, 20]);
     assert_eq!(net.nodes[M].count_events(is_reassociated), 1);
     assert!(!net.sock(M).peers()[0].reassociating);
     // The peer acknowledged both, moved once.
@@ -77,9 +77,9 @@ fn timer_resend_then_data_resend_when_request_and_ack_are_both_lost() {
     assert!(net.settle(SETTLE));
     t.assert_exact(&net);
     let s = net.sock(M).stats();
-    // Timer resend at 50 ms (the first was lost), its ack lost, the held data right behind it
-    // resends again.
-    assert_eq!(reassoc_times(&net, M, 1, thawed), [0, 50, 60]);
+    // Timer resend at 50 ms (the first was lost), the path validated, its ack lost, the held
+    // data right behind it resends again.
+    assert_eq!(reassoc_times(&net, M, 1, thawed), [0, 50, 70]);
     assert_eq!(s.reassoc_resent_on_data, 1);
     assert_eq!(net.nodes[M].count_events(is_reassociated), 1);
     assert_eq!(net.nodes[1].count_events(is_moved), 1);
