@@ -470,7 +470,6 @@ async fn reassociation_completes_across_a_lossy_relay() {
     let m = within("the thaw", Datagram::thaw(image, host(4)))
         .await
         .unwrap();
-    let now_at = m.local_addr();
     event_where(&m, "Reassociated", |e| {
         *e == DatagramEvent::Reassociated { peer: r }
     })
@@ -479,11 +478,20 @@ async fn reassociation_completes_across_a_lossy_relay() {
     // socket's flow; the relay's decisions depend only on the seed and the position), so it was
     // resent.
     assert!(m.stats().reassoc_sent >= 2, "{:?}", m.stats());
-    let moved = DatagramEvent::PeerMoved {
-        peer: m_seen,
-        now_at,
+    // P takes the address the `Reassoc` came from (PROTOCOL.md §10.5): the relay's upstream
+    // socket for M's new address, as behind a NAT, once it answered P's path challenge.
+    let ev = event_where(
+        &p,
+        "PeerMoved",
+        |e| matches!(e, DatagramEvent::PeerMoved { peer, .. } if *peer == m_seen),
+    )
+    .await;
+    let DatagramEvent::PeerMoved { now_at, .. } = ev else {
+        unreachable!()
     };
-    event_where(&p, "PeerMoved", |e| *e == moved).await;
+    assert_eq!(now_at.ip(), r.ip());
+    assert_ne!(now_at, m_seen);
+    assert_ne!(now_at, m.local_addr());
     let e = &p.peers()[0];
     assert_eq!((e.known_addr, e.addr, e.peer_epoch), (m_seen, now_at, 1));
     assert!(!e.migrating);
@@ -528,9 +536,9 @@ async fn reassociation_completes_across_a_lossy_relay() {
 /// would. M's backoff timer is 2 s, so only P's data can trigger the resend that completes the
 /// re-association.
 ///
-/// (A `ReassocAck` cannot be dropped on the way instead: it goes straight to the address the
-/// `Reassoc` names, M's own, past any proxy. Losing the request has the same effect: data from
-/// the peer before the acknowledgement.)
+/// P sees M's packets come from the proxy's front address before and after the move (as behind
+/// a NAT), so it completes the re-association without a path challenge: that address is the
+/// validated one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reassoc_is_resent_when_data_arrives_before_the_acknowledgement() {
     let mut cfg = DatagramConfig::default();
@@ -595,11 +603,12 @@ async fn reassoc_is_resent_when_data_arrives_before_the_acknowledgement() {
     assert!(reassocs.load(Ordering::SeqCst) >= 2);
     let moved = DatagramEvent::PeerMoved {
         peer: x.front,
-        now_at,
+        now_at: x.front,
     };
     event_where(&p, "PeerMoved", |e| *e == moved).await;
     let e = &p.peers()[0];
-    assert_eq!((e.known_addr, e.addr, e.peer_epoch), (x.front, now_at, 1));
+    assert_eq!((e.known_addr, e.addr, e.peer_epoch), (x.front, x.front, 1));
+    assert_ne!(now_at, x.front);
     stop.store(true, Ordering::Relaxed);
     within("the sender", sender).await.unwrap();
 
@@ -749,14 +758,14 @@ async fn forged_and_replayed_reassociation_is_refused_and_redirects_nothing() {
     for (epoch, target) in [(1u64, 4u8), (2, 6)] {
         let image = within("the freeze", m.freeze()).await.unwrap();
         m = Datagram::thaw(image, host(target)).await.unwrap();
-        let now_at = m.local_addr();
         event_where(&m, "Reassociated", |e| {
             *e == DatagramEvent::Reassociated { peer: x.front }
         })
         .await;
+        // P sees the mover behind the proxy's back address, before and after (as behind a NAT).
         let moved = DatagramEvent::PeerMoved {
             peer: x.back,
-            now_at,
+            now_at: x.back,
         };
         event_where(&p, "PeerMoved", |e| *e == moved).await;
         assert_eq!(p.peers()[0].peer_epoch, epoch);
@@ -772,16 +781,14 @@ async fn forged_and_replayed_reassociation_is_refused_and_redirects_nothing() {
     let freezing_1 = captured(dkind::FREEZING, 1).await;
 
     let genuine = p.peers();
-    assert_eq!(genuine[0].addr, m.local_addr());
+    assert_eq!(genuine[0].addr, x.back);
     let refused = p.stats().refused;
     let third = UdpSocket::bind(host(9)).await.unwrap();
-    let me = third.local_addr().unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let forge_reassoc = |rng: &mut ChaCha8Rng, epoch: u64| {
         Packet::Reassoc {
             assoc,
             epoch,
-            addr: me,
             nonce: arr(rng),
             mac: arr(rng),
         }
@@ -792,8 +799,10 @@ async fn forged_and_replayed_reassociation_is_refused_and_redirects_nothing() {
         forge_reassoc(&mut rng, 3).to_vec(),
         forge_reassoc(&mut rng, 2).to_vec(),
         forge_reassoc(&mut rng, u64::MAX).to_vec(),
-        // Replayed: the genuine request of the first move (an older epoch).
+        // Replayed: the genuine request of the first move (an older epoch), and of the
+        // current one from another address than the mover's (PROTOCOL.md §10.5).
         reassoc_1,
+        reassoc_2,
         // Replayed freezes (would make P hold M's datagrams), and a forged one.
         freezing_0,
         freezing_1,
@@ -823,9 +832,6 @@ async fn forged_and_replayed_reassociation_is_refused_and_redirects_nothing() {
     for pkt in &refused_ones {
         third.send_to(pkt, p.local_addr()).await.unwrap();
     }
-    // A replay of the current request is acknowledged again, to the address it names (M's),
-    // and changes nothing.
-    third.send_to(&reassoc_2, p.local_addr()).await.unwrap();
     // M's datagram arrives after all of them: once P has it, P has handled them.
     m.send_to(&msg(MOVER, 1), x.front).await.unwrap();
     let (d, from) = recv(&p).await;
@@ -868,13 +874,28 @@ fn sample_packets(rng: &mut ChaCha8Rng) -> Vec<Packet> {
         },
         Packet::Data {
             assoc: rng.gen(),
+            counter: rng.gen(),
+            sealed: bytes::Bytes::from_static(b"payload and a 16-byte tag"),
+        },
+        Packet::PlainData {
+            assoc: rng.gen(),
+            counter: rng.gen(),
             payload: bytes::Bytes::from_static(b"payload"),
         },
         Packet::Reassoc {
             assoc: rng.gen(),
             epoch: rng.gen(),
-            addr: SocketAddr::from(([127, 0, 0, 9], 9)),
             nonce: arr(rng),
+            mac: arr(rng),
+        },
+        Packet::PathChallenge {
+            assoc: rng.gen(),
+            data: arr(rng),
+            mac: arr(rng),
+        },
+        Packet::PathResponse {
+            assoc: rng.gen(),
+            data: arr(rng),
             mac: arr(rng),
         },
         Packet::ReassocAck {
@@ -912,7 +933,7 @@ async fn garbage_datagrams_are_refused_and_the_socket_keeps_working() {
         let mut v = vec![0u8; rng.gen_range(1..1400)];
         rng.fill_bytes(&mut v);
         if rng.gen_bool(0.5) {
-            v[0] = rng.gen_range(dkind::HELLO..=dkind::FREEZING_ACK);
+            v[0] = rng.gen_range(dkind::HELLO..=dkind::PLAIN_DATA);
         }
         garbage.push(v);
     }
