@@ -446,6 +446,11 @@ pub struct DatagramConfig {
     /// (counted in [`DatagramStats::half_open_evicted`]); established associations are never.
     /// At most about 600 bytes each. Default 256.
     pub max_half_open: usize,
+    /// First contacts (`Hello`) answered per second, with bursts of a tenth of it: each costs
+    /// an X25519 agreement, so a flood beyond it is dropped before any work (counted in
+    /// [`DatagramStats::hello_limited`]) and established associations keep the CPU. Default
+    /// 1000.
+    pub hello_rate: u32,
     /// Send `Data` in clear (`PlainData` packets: no encryption, no authentication) and accept
     /// it. **For benchmarks and debugging only**: anyone on the path reads, alters and injects
     /// datagrams. Both ends must set it. Default false.
@@ -473,6 +478,7 @@ impl Default for DatagramConfig {
             recv_capacity: 1024,
             max_associations: 4096,
             max_half_open: 256,
+            hello_rate: 1000,
             insecure_plaintext: false,
             retry_initial: Duration::from_millis(50),
             retry_max: Duration::from_secs(1),
@@ -574,6 +580,8 @@ pub struct DatagramStats {
     pub amplification_limited: u64,
     /// Half-open associations forgotten to make room for new first contacts.
     pub half_open_evicted: u64,
+    /// `Hello`s dropped unanswered beyond [`DatagramConfig::hello_rate`].
+    pub hello_limited: u64,
 }
 
 /// One row of the association table, as the application may inspect it.
@@ -793,6 +801,8 @@ pub struct DatagramSocket {
     handshakes: HashMap<SocketAddr, Handshake>,
     /// Half-open associations (answered, not yet confirmed), oldest first.
     half_open: VecDeque<u64>,
+    /// The `Hello` token bucket: tokens (in thousandths) and when it was last filled.
+    hello_tokens: (u64, Option<Instant>),
     inbox: VecDeque<(SocketAddr, Bytes)>,
     transmits: VecDeque<(SocketAddr, Bytes)>,
     events: VecDeque<DatagramEvent>,
@@ -830,6 +840,7 @@ impl DatagramSocket {
             by_addr: HashMap::new(),
             handshakes: HashMap::new(),
             half_open: VecDeque::new(),
+            hello_tokens: (0, None),
             inbox: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -1120,7 +1131,13 @@ impl DatagramSocket {
             return;
         };
         match p {
-            Packet::Hello { socket, eph, nonce } => self.on_hello(from, socket, eph, nonce),
+            Packet::Hello { socket, eph, nonce } => {
+                if self.hello_allowed(now) {
+                    self.on_hello(from, socket, eph, nonce)
+                } else {
+                    self.stats.hello_limited += 1;
+                }
+            }
             p @ Packet::Welcome { .. } => self.on_welcome(from, p),
             Packet::Data {
                 assoc,
@@ -1143,6 +1160,31 @@ impl DatagramSocket {
                 self.on_path_response(now, from, assoc, data, mac)
             }
         }
+    }
+
+    /// Take a token from the `Hello` bucket (`hello_rate` per second, bursts of a tenth).
+    fn hello_allowed(&mut self, now: Instant) -> bool {
+        let rate = u64::from(self.config.hello_rate);
+        let cap = (rate * 1000 / 10).max(1000);
+        let (tokens, last) = self.hello_tokens;
+        let refill = match last {
+            None => cap,
+            Some(t) => {
+                let us = now
+                    .saturating_duration_since(t)
+                    .as_micros()
+                    .min(u128::from(u32::MAX));
+                // Thousandths of a token: rate per second is rate per million microseconds.
+                (us as u64).saturating_mul(rate) / 1000
+            }
+        };
+        let tokens = tokens.saturating_add(refill).min(cap);
+        if tokens < 1000 {
+            self.hello_tokens = (tokens, Some(now));
+            return false;
+        }
+        self.hello_tokens = (tokens - 1000, Some(now));
+        true
     }
 
     fn on_hello(&mut self, from: SocketAddr, socket: SocketId, eph: [u8; 32], nonce: [u8; 16]) {
@@ -1798,7 +1840,7 @@ pub const DATAGRAM_IMAGE_MAGIC: [u8; 8] = *b"ROAMDGI\0";
 /// ([`crate::ImageError::UnsupportedVersion`]).
 pub const DATAGRAM_IMAGE_VERSION: u16 = 2;
 /// Counters in a datagram image's statistics.
-const STATS_FIELDS: usize = 16;
+const STATS_FIELDS: usize = 17;
 
 /// `magic | version u16 | body length u32 | body | SHA-256 of all before` (PROTOCOL.md §7's
 /// envelope, with the datagram image's own version).
@@ -1978,6 +2020,7 @@ impl DatagramImage {
                 path_challenges_sent: st[13],
                 amplification_limited: st[14],
                 half_open_evicted: st[15],
+                hello_limited: st[16],
             },
         })
     }
@@ -2001,6 +2044,7 @@ fn stats_fields(s: &DatagramStats) -> [u64; STATS_FIELDS] {
         s.path_challenges_sent,
         s.amplification_limited,
         s.half_open_evicted,
+        s.hello_limited,
     ]
 }
 

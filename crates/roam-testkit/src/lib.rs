@@ -21,4 +21,7 @@ mod relay;
 mod udp;
 
 pub use relay::{Relay, RelayStats};
-pub use udp::{Faults, UdpDirectionStats, UdpRelay, UdpRelayStats};
+pub use udp::{
+    AttackAction, AttackDir, AttackPolicy, Faults, UdpAttacker, UdpDirectionStats, UdpRelay,
+    UdpRelayStats,
+};

@@ -865,3 +865,194 @@ impl Flow {
         self.queue.push(Reverse(Scheduled { at, seq, data }));
     }
 }
+
+/// Which way a datagram crossed a [`UdpAttacker`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttackDir {
+    /// Sent by the client to the attacker's front socket; forwarded to the target.
+    FromClient,
+    /// Sent to the attacker's back socket (by the target); forwarded to the client.
+    FromTarget,
+}
+
+/// What a [`UdpAttacker`] does with one datagram.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttackAction {
+    /// Forward it unchanged.
+    Forward,
+    /// Drop it.
+    Drop,
+    /// Forward these bytes instead.
+    Replace(Vec<u8>),
+    /// Forward it, then the same bytes again `n` more times.
+    Repeat(u32),
+}
+
+/// The attacker's policy: called for every datagram, in order, with its direction.
+pub type AttackPolicy = dyn Fn(AttackDir, &[u8]) -> AttackAction + Send + Sync;
+
+/// An in-path attacker between one client and a target, for security tests: it **observes**
+/// every datagram (recorded, before the policy applies), and may **drop**, **modify**,
+/// **replay** (repeat now, or [`UdpAttacker::inject`] a recorded one later) and **inject**
+/// datagrams of its own in either direction.
+///
+/// The client sends to [`UdpAttacker::front`]; the attacker forwards to the target from
+/// [`UdpAttacker::back`]; what reaches `back` goes to the last client, from `front` (as a
+/// NAT would). The record is bounded ([`UdpAttacker::MAX_RECORD`] datagrams, then only
+/// counted); the tasks end when the attacker is dropped.
+pub struct UdpAttacker {
+    front: Arc<UdpSocket>,
+    back: Arc<UdpSocket>,
+    client: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    target: SocketAddr,
+    record: Arc<std::sync::Mutex<Vec<(AttackDir, Vec<u8>)>>>,
+    policy: Arc<std::sync::Mutex<Arc<AttackPolicy>>>,
+    seen: watch::Sender<u64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl UdpAttacker {
+    /// Datagrams kept in the record.
+    pub const MAX_RECORD: usize = 100_000;
+
+    /// Bind two sockets at `ip` (port 0) and relay between clients and `target`, forwarding
+    /// everything until [`UdpAttacker::set_policy`].
+    pub async fn start(ip: IpAddr, target: SocketAddr) -> io::Result<UdpAttacker> {
+        let front = Arc::new(UdpSocket::bind(SocketAddr::new(ip, 0)).await?);
+        let back = Arc::new(UdpSocket::bind(SocketAddr::new(ip, 0)).await?);
+        let client = Arc::new(std::sync::Mutex::new(None));
+        let record = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let forward_all: Arc<AttackPolicy> = Arc::new(|_, _| AttackAction::Forward);
+        let policy = Arc::new(std::sync::Mutex::new(forward_all));
+        let seen = watch::Sender::new(0u64);
+        let mut tasks = Vec::new();
+        for dir in [AttackDir::FromClient, AttackDir::FromTarget] {
+            let (rx, tx) = match dir {
+                AttackDir::FromClient => (front.clone(), back.clone()),
+                AttackDir::FromTarget => (back.clone(), front.clone()),
+            };
+            let (client, record, policy, seen) =
+                (client.clone(), record.clone(), policy.clone(), seen.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; MAX_DATAGRAM];
+                loop {
+                    let Ok((n, from)) = rx.recv_from(&mut buf).await else {
+                        tokio::time::sleep(RECV_BACKOFF).await;
+                        continue;
+                    };
+                    let pkt = buf[..n].to_vec();
+                    let to = match dir {
+                        AttackDir::FromClient => {
+                            *lock(&client) = Some(from);
+                            Some(target)
+                        }
+                        AttackDir::FromTarget => *lock(&client),
+                    };
+                    {
+                        let mut r = lock(&record);
+                        if r.len() < UdpAttacker::MAX_RECORD {
+                            r.push((dir, pkt.clone()));
+                        }
+                    }
+                    let p = lock(&policy).clone();
+                    let action = p(dir, &pkt);
+                    if let Some(to) = to {
+                        match action {
+                            AttackAction::Forward => {
+                                let _ = tx.send_to(&pkt, to).await;
+                            }
+                            AttackAction::Drop => {}
+                            AttackAction::Replace(other) => {
+                                let _ = tx.send_to(&other, to).await;
+                            }
+                            AttackAction::Repeat(k) => {
+                                for _ in 0..=k {
+                                    let _ = tx.send_to(&pkt, to).await;
+                                }
+                            }
+                        }
+                    }
+                    seen.send_modify(|s| *s += 1);
+                }
+            }));
+        }
+        Ok(UdpAttacker {
+            front,
+            back,
+            client,
+            target,
+            record,
+            policy,
+            seen,
+            tasks,
+        })
+    }
+
+    /// Where clients send (the target, as they see it).
+    pub fn front(&self) -> SocketAddr {
+        self.front.local_addr().expect("bound")
+    }
+
+    /// Where the target sees the client.
+    pub fn back(&self) -> SocketAddr {
+        self.back.local_addr().expect("bound")
+    }
+
+    /// Replace the policy.
+    pub fn set_policy(&self, f: impl Fn(AttackDir, &[u8]) -> AttackAction + Send + Sync + 'static) {
+        *lock(&self.policy) = Arc::new(f);
+    }
+
+    /// Every datagram seen so far, in order, as received (before the policy).
+    pub fn record(&self) -> Vec<(AttackDir, Vec<u8>)> {
+        lock(&self.record).clone()
+    }
+
+    /// Datagrams seen so far (both directions).
+    pub fn seen(&self) -> u64 {
+        *self.seen.borrow()
+    }
+
+    /// Wait until at least `n` datagrams were seen.
+    pub async fn wait_seen(&self, n: u64) {
+        let mut rx = self.seen.subscribe();
+        let _ = rx.wait_for(|s| *s >= n).await;
+    }
+
+    /// Send `bytes` as the relay would in direction `dir`: to the target from `back`, or to
+    /// the last client from `front`.
+    pub async fn inject(&self, dir: AttackDir, bytes: &[u8]) -> io::Result<()> {
+        match dir {
+            AttackDir::FromClient => self.back.send_to(bytes, self.target).await.map(|_| ()),
+            AttackDir::FromTarget => {
+                let to = *lock(&self.client);
+                match to {
+                    Some(to) => self.front.send_to(bytes, to).await.map(|_| ()),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for UdpAttacker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UdpAttacker")
+            .field("front", &self.front.local_addr().ok())
+            .field("back", &self.back.local_addr().ok())
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for UdpAttacker {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
