@@ -891,6 +891,9 @@ pub enum AttackAction {
 /// The attacker's policy: called for every datagram, in order, with its direction.
 pub type AttackPolicy = dyn Fn(AttackDir, &[u8]) -> AttackAction + Send + Sync;
 
+/// What a [`UdpAttacker`] saw, in order.
+type Record = Arc<std::sync::Mutex<Vec<(AttackDir, Vec<u8>)>>>;
+
 /// An in-path attacker between one client and a target, for security tests: it **observes**
 /// every datagram (recorded, before the policy applies), and may **drop**, **modify**,
 /// **replay** (repeat now, or [`UdpAttacker::inject`] a recorded one later) and **inject**
@@ -905,7 +908,7 @@ pub struct UdpAttacker {
     back: Arc<UdpSocket>,
     client: Arc<std::sync::Mutex<Option<SocketAddr>>>,
     target: SocketAddr,
-    record: Arc<std::sync::Mutex<Vec<(AttackDir, Vec<u8>)>>>,
+    record: Record,
     policy: Arc<std::sync::Mutex<Arc<AttackPolicy>>>,
     seen: watch::Sender<u64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -921,7 +924,7 @@ impl UdpAttacker {
         let front = Arc::new(UdpSocket::bind(SocketAddr::new(ip, 0)).await?);
         let back = Arc::new(UdpSocket::bind(SocketAddr::new(ip, 0)).await?);
         let client = Arc::new(std::sync::Mutex::new(None));
-        let record = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record: Record = Arc::new(std::sync::Mutex::new(Vec::new()));
         let forward_all: Arc<AttackPolicy> = Arc::new(|_, _| AttackAction::Forward);
         let policy = Arc::new(std::sync::Mutex::new(forward_all));
         let seen = watch::Sender::new(0u64);
