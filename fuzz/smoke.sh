@@ -18,7 +18,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(frame_decode image_decode session_ops packet_decode datagram_image_decode)
+    targets=(frame_decode image_decode session_ops packet_decode datagram_image_decode handshake sealed_decode)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

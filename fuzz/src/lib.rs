@@ -2,4 +2,5 @@
 #![forbid(unsafe_code)]
 
 pub mod checks;
+pub mod secure_checks;
 pub mod session_driver;

@@ -1,16 +1,23 @@
 //! Key agreement and proofs of key possession (PROTOCOL.md §5).
 //!
-//! X25519 for key agreement, HKDF-SHA256 for key derivation, HMAC-SHA256 for proofs. All from
-//! the RustCrypto / dalek crates; nothing here is hand-rolled beyond the labels.
+//! X25519 for key agreement, HKDF-SHA256 for key derivation, HMAC-SHA256 for proofs,
+//! ChaCha20-Poly1305 for frame and image encryption (PROTOCOL.md §3.1, §7.1). All from the
+//! RustCrypto / dalek crates; nothing here is hand-rolled beyond the labels and the layout.
 
 use std::fmt;
 
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::frame::MAC_LEN;
+use crate::types::Epoch;
+
+/// Size of a ChaCha20-Poly1305 tag.
+pub(crate) const TAG_LEN: usize = 16;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -52,6 +59,35 @@ impl Ephemeral {
     }
 }
 
+/// A long-term X25519 secret (an endpoint's identity). Never printed.
+#[derive(Clone)]
+pub(crate) struct StaticKey {
+    secret: StaticSecret,
+    pub public: [u8; 32],
+}
+
+impl StaticKey {
+    pub(crate) fn new(secret: [u8; 32]) -> Self {
+        let secret = StaticSecret::from(secret);
+        let public = PublicKey::from(&secret).to_bytes();
+        StaticKey { secret, public }
+    }
+
+    pub(crate) fn agree(&self, peer: &[u8; 32]) -> Result<[u8; 32], NonContributory> {
+        let shared = self.secret.diffie_hellman(&PublicKey::from(*peer));
+        if shared.was_contributory() {
+            Ok(shared.to_bytes())
+        } else {
+            Err(NonContributory)
+        }
+    }
+}
+
+/// The public half of an X25519 secret given as bytes.
+pub(crate) fn public_of(secret: [u8; 32]) -> [u8; 32] {
+    PublicKey::from(&StaticSecret::from(secret)).to_bytes()
+}
+
 fn transcript_hash(parts: &[&[u8]]) -> [u8; 32] {
     let mut h = Sha256::new();
     for p in parts {
@@ -69,10 +105,128 @@ fn expand(salt: &[u8], ikm: &[u8], info: &[u8]) -> SessionKey {
     SessionKey(okm)
 }
 
-/// The first session key: from the association's DH output and transcript (PROTOCOL.md §5.1).
-pub(crate) fn initial_key(shared: &[u8; 32], hello: &[u8], welcome_signed: &[u8]) -> SessionKey {
+/// The first session key: from the association's DH outputs (ephemeral-ephemeral, then any
+/// static-ephemeral terms and the pre-shared key, in the order of PROTOCOL.md §5.1) and the
+/// transcript.
+pub(crate) fn initial_key(ikm: &[&[u8]], hello: &[u8], welcome_signed: &[u8]) -> SessionKey {
     let th = transcript_hash(&[b"roam/v1/associate", hello, welcome_signed]);
-    expand(b"roam/v1/associate", shared, &th)
+    expand(b"roam/v1/associate", &ikm.concat(), &th)
+}
+
+/// One connection's frame protection (PROTOCOL.md §3.1): a ChaCha20-Poly1305 key per direction,
+/// derived from the epoch's session key, and a frame counter per direction as the nonce.
+pub(crate) struct Traffic {
+    tx: ChaCha20Poly1305,
+    rx: ChaCha20Poly1305,
+    tx_count: u64,
+    rx_count: u64,
+}
+
+/// The frame counter ran out (2^64 frames on one connection: unreachable in practice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CounterExhausted;
+
+/// A sealed frame did not authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AuthFailed;
+
+fn nonce(count: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&count.to_be_bytes());
+    Nonce::from(n)
+}
+
+impl Traffic {
+    /// The keys of the connection installed at `epoch` under `key`; `dialer` is whether this
+    /// side opened that connection.
+    pub(crate) fn new(key: &SessionKey, epoch: Epoch, dialer: bool) -> Traffic {
+        let salt = epoch.0.to_be_bytes();
+        let d2l = expand(&key.0, &salt, b"roam/v1/traffic dialer to listener");
+        let l2d = expand(&key.0, &salt, b"roam/v1/traffic listener to dialer");
+        let (tx, rx) = if dialer { (d2l, l2d) } else { (l2d, d2l) };
+        Traffic {
+            tx: ChaCha20Poly1305::new(Key::from_slice(&tx.0)),
+            rx: ChaCha20Poly1305::new(Key::from_slice(&rx.0)),
+            tx_count: 0,
+            rx_count: 0,
+        }
+    }
+
+    /// Encrypt `buf` in place under the next send counter, authenticating `aad`; the tag.
+    pub(crate) fn seal(
+        &mut self,
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], CounterExhausted> {
+        let n = self.tx_count;
+        self.tx_count = n.checked_add(1).ok_or(CounterExhausted)?;
+        // Encryption fails only for plaintexts beyond ChaCha20's 256 GiB limit; frames are
+        // bounded by MAX_FRAME_BODY.
+        let tag = self
+            .tx
+            .encrypt_in_place_detached(&nonce(n), aad, buf)
+            .map_err(|_| CounterExhausted)?;
+        Ok(tag.into())
+    }
+
+    /// Decrypt `buf` in place under the next receive counter; fails (leaving the counter
+    /// unchanged) unless `tag` authenticates `aad` and the ciphertext.
+    pub(crate) fn open(
+        &mut self,
+        aad: &[u8],
+        buf: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<(), AuthFailed> {
+        let n = self.rx_count;
+        let next = n.checked_add(1).ok_or(AuthFailed)?;
+        self.rx
+            .decrypt_in_place_detached(&nonce(n), aad, buf, Tag::from_slice(tag))
+            .map_err(|_| AuthFailed)?;
+        self.rx_count = next;
+        Ok(())
+    }
+
+    /// Frames sealed and opened so far on this connection.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        (self.tx_count, self.rx_count)
+    }
+}
+
+/// The single-use key of a sealed image (PROTOCOL.md §7.1).
+fn seal_key(shared: &[u8; 32], eph: &[u8; 32], recipient: &[u8; 32]) -> ChaCha20Poly1305 {
+    let th = transcript_hash(&[b"roam/v1/seal", eph, recipient]);
+    let k = expand(b"roam/v1/seal", shared, &th);
+    ChaCha20Poly1305::new(Key::from_slice(&k.0))
+}
+
+/// Encrypt `buf` in place for `recipient` with the ephemeral secret `eph` (whose public half is
+/// `eph_public`); `aad` is authenticated. `None` for a low-order recipient key.
+pub(crate) fn seal_for(
+    recipient: &[u8; 32],
+    eph: [u8; 32],
+    aad: &[u8],
+    buf: &mut [u8],
+) -> Option<[u8; TAG_LEN]> {
+    let e = Ephemeral::new(eph);
+    let shared = e.agree(recipient).ok()?;
+    let tag = seal_key(&shared, &e.public, recipient)
+        .encrypt_in_place_detached(&nonce(0), aad, buf)
+        .ok()?;
+    Some(tag.into())
+}
+
+/// Decrypt a buffer sealed by [`seal_for`] with the recipient's static key.
+pub(crate) fn open_sealed(
+    me: &StaticKey,
+    eph_public: &[u8; 32],
+    aad: &[u8],
+    buf: &mut [u8],
+    tag: &[u8; TAG_LEN],
+) -> Result<(), AuthFailed> {
+    let shared = me.agree(eph_public).map_err(|_| AuthFailed)?;
+    seal_key(&shared, eph_public, &me.public)
+        .decrypt_in_place_detached(&nonce(0), aad, buf, Tag::from_slice(tag))
+        .map_err(|_| AuthFailed)
 }
 
 /// An association key for datagram sockets (PROTOCOL.md §10.2), and the 64-bit association id
@@ -115,13 +269,18 @@ pub(crate) fn verify(key: &SessionKey, label: &[u8], parts: &[&[u8]], tag: &[u8;
 
 fn keyed(key: &SessionKey, label: &[u8], parts: &[&[u8]]) -> HmacSha256 {
     // HMAC accepts keys of any length, so new_from_slice cannot fail.
-    let mut m = HmacSha256::new_from_slice(&key.0).expect("HMAC takes any key length");
+    let mut m = <HmacSha256 as Mac>::new_from_slice(&key.0).expect("HMAC takes any key length");
     m.update(&transcript_hash(&[label]));
     for p in parts {
         m.update(&(p.len() as u64).to_be_bytes());
         m.update(p);
     }
     m
+}
+
+/// Constant-time equality of two tags.
+pub(crate) fn ct_eq(a: &[u8; MAC_LEN], b: &[u8; MAC_LEN]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// SHA-256 of `data`; used for image integrity.
@@ -140,7 +299,7 @@ mod tests {
         let sa = a.agree(&b.public).unwrap();
         let sb = b.agree(&a.public).unwrap();
         assert_eq!(sa, sb);
-        let k = initial_key(&sa, b"hello", b"welcome");
+        let k = initial_key(&[&sa], b"hello", b"welcome");
         let k2 = ratchet(&k, &sa, b"r", b"a");
         assert_ne!(k, k2);
         let tag = mac(&k, b"label", &[b"x", b"y"]);
@@ -149,6 +308,54 @@ mod tests {
         assert!(!verify(&k, b"other", &[b"x", b"y"], &tag));
         // Part boundaries are bound into the MAC.
         assert!(!verify(&k, b"label", &[b"xy"], &tag));
+    }
+
+    #[test]
+    fn traffic_keys_pair_up_by_direction_and_reject_tampering_and_replay() {
+        let k = SessionKey([3; 32]);
+        let mut d = Traffic::new(&k, Epoch(4), true);
+        let mut l = Traffic::new(&k, Epoch(4), false);
+        let mut buf = *b"secret payload";
+        let tag = d.seal(b"hdr", &mut buf).unwrap();
+        assert_ne!(&buf, b"secret payload");
+        let wire = buf;
+        l.open(b"hdr", &mut buf, &tag).unwrap();
+        assert_eq!(&buf, b"secret payload");
+        // The same ciphertext again (a replay) is under the next counter: refused.
+        let mut again = wire;
+        assert_eq!(l.open(b"hdr", &mut again, &tag), Err(AuthFailed));
+        // A flipped bit, or other associated data, is refused; the counter does not move.
+        let mut buf2 = *b"second";
+        let tag2 = d.seal(b"hdr", &mut buf2).unwrap();
+        let mut bad = buf2;
+        bad[0] ^= 1;
+        assert_eq!(l.open(b"hdr", &mut bad, &tag2), Err(AuthFailed));
+        assert_eq!(l.open(b"hdX", &mut buf2.clone(), &tag2), Err(AuthFailed));
+        l.open(b"hdr", &mut buf2, &tag2).unwrap();
+        assert_eq!(&buf2, b"second");
+        // Another epoch gives other keys.
+        let mut other = Traffic::new(&k, Epoch(5), false);
+        let mut b3 = *b"x";
+        let t3 = d.seal(b"", &mut b3).unwrap();
+        assert_eq!(other.open(b"", &mut b3, &t3), Err(AuthFailed));
+    }
+
+    #[test]
+    fn sealed_buffers_open_only_for_the_recipient() {
+        let r = StaticKey::new([9; 32]);
+        let other = StaticKey::new([10; 32]);
+        let eph = [11; 32];
+        let eph_pub = public_of(eph);
+        let mut buf = *b"image bytes";
+        let tag = seal_for(&r.public, eph, b"aad", &mut buf).unwrap();
+        let mut copy = buf;
+        assert_eq!(
+            open_sealed(&other, &eph_pub, b"aad", &mut copy, &tag),
+            Err(AuthFailed)
+        );
+        open_sealed(&r, &eph_pub, b"aad", &mut buf, &tag).unwrap();
+        assert_eq!(&buf, b"image bytes");
+        assert!(seal_for(&[0; 32], eph, b"", &mut [0u8; 4]).is_none());
     }
 
     #[test]

@@ -3,18 +3,26 @@
 //! [`Frame::decode`] takes complete frames off the front of a receive buffer; `Data` payloads are
 //! split off without copying. [`Frame::encode`] writes a whole frame; the data path instead uses
 //! [`data_header`] and sends the payload by reference (vectored write).
+//!
+//! After the handshake every frame of a session travels inside a [`Frame::Sealed`] (PROTOCOL.md
+//! §3.1), unless both ends run the insecure plaintext mode; the session seals and opens them.
 
 use std::net::SocketAddr;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::secure::PublicKey;
 
 use crate::codec::{DecodeError, Reader, WriteExt};
 use crate::types::{EndpointId, Epoch, Offset, SessionId};
 
 /// First bytes of every `Hello` and `Reassoc` body: tells a roam peer from anything else.
 pub const MAGIC: [u8; 4] = *b"ROAM";
-/// The protocol version this crate speaks.
+/// The version datagram packets carry (PROTOCOL.md §10.1).
 pub const VERSION: u16 = 1;
+/// The stream protocol version in `Hello` and `Reassoc` (2: sealed frames, identities and the
+/// association confirmation, PROTOCOL.md §3.1, §5.1).
+pub const STREAM_VERSION: u16 = 2;
 /// Size of the frame header (type and length).
 pub const HEADER_LEN: usize = 5;
 /// Size of a `Data` frame's header including the frame header (offset, ack and limit).
@@ -23,6 +31,19 @@ pub const DATA_HEADER_LEN: usize = HEADER_LEN + 24;
 pub const MAX_FRAME_BODY: usize = (1 << 20) + 64;
 /// Size of a MAC tag (HMAC-SHA256).
 pub const MAC_LEN: usize = 32;
+/// Size of a sealed frame's AEAD tag (ChaCha20-Poly1305).
+pub const TAG_LEN: usize = 16;
+/// Smallest sealed frame body: an empty inner frame header and the tag.
+pub const MIN_SEALED_BODY: usize = HEADER_LEN + TAG_LEN;
+
+/// Bits of the `flags` byte of `Hello` and `Welcome` (PROTOCOL.md §5.1).
+#[allow(missing_docs)]
+pub mod flags {
+    pub const INSECURE: u8 = 0x01;
+    pub const IDENTITY: u8 = 0x02;
+    pub const PSK: u8 = 0x04;
+    pub const ALL: u8 = INSECURE | IDENTITY | PSK;
+}
 
 /// Frame type codes (PROTOCOL.md §3, table 1).
 #[allow(missing_docs)]
@@ -40,6 +61,7 @@ pub mod kind {
     pub const FREEZE: u8 = 0x13;
     pub const FREEZE_ACK: u8 = 0x14;
     pub const PING: u8 = 0x15;
+    pub const SEALED: u8 = 0x20;
 }
 
 /// Why a byte sequence is not a valid frame.
@@ -88,6 +110,12 @@ pub enum RefuseReason {
     /// The request violated the protocol.
     #[error("protocol violation")]
     Protocol,
+    /// The peer's identity is not acceptable (not pinned, or no pre-shared key).
+    #[error("peer identity not accepted")]
+    Unauthorized,
+    /// One end runs the insecure plaintext mode and the other does not.
+    #[error("security mode mismatch (insecure plaintext on one end only)")]
+    SecurityMismatch,
 }
 
 impl RefuseReason {
@@ -100,6 +128,8 @@ impl RefuseReason {
             RefuseReason::Version => 5,
             RefuseReason::Closed => 6,
             RefuseReason::Protocol => 7,
+            RefuseReason::Unauthorized => 8,
+            RefuseReason::SecurityMismatch => 9,
         }
     }
 
@@ -112,6 +142,8 @@ impl RefuseReason {
             5 => RefuseReason::Version,
             6 => RefuseReason::Closed,
             7 => RefuseReason::Protocol,
+            8 => RefuseReason::Unauthorized,
+            9 => RefuseReason::SecurityMismatch,
             _ => return Err(DecodeError::Invalid("refuse reason")),
         })
     }
@@ -128,6 +160,12 @@ pub struct Hello {
     pub eph: [u8; 32],
     /// The dialer's nonce.
     pub nonce: [u8; 16],
+    /// The dialer runs the insecure plaintext mode.
+    pub insecure: bool,
+    /// The dialer mixes a pre-shared key into the session key.
+    pub psk: bool,
+    /// The dialer's static public key, if it has an identity.
+    pub identity: Option<PublicKey>,
 }
 
 /// Association reply, listener → dialer, with key confirmation (PROTOCOL.md §5.1).
@@ -143,6 +181,12 @@ pub struct Welcome {
     pub eph: [u8; 32],
     /// The listener's nonce.
     pub nonce: [u8; 16],
+    /// The listener runs the insecure plaintext mode.
+    pub insecure: bool,
+    /// The listener mixes a pre-shared key into the session key.
+    pub psk: bool,
+    /// The listener's static public key, if it has an identity.
+    pub identity: Option<PublicKey>,
     /// HMAC under the new session key over the transcript.
     pub mac: [u8; MAC_LEN],
 }
@@ -251,6 +295,9 @@ pub enum Frame {
     },
     /// Keep-alive.
     Ping,
+    /// An encrypted frame (PROTOCOL.md §3.1): the ciphertext of a whole inner frame followed by
+    /// its 16-byte tag. Only a session holding the connection's keys can open it.
+    Sealed(BytesMut),
 }
 
 /// Header of a `Data` frame carrying `len` payload bytes; the payload follows on the wire.
@@ -313,6 +360,7 @@ impl Frame {
             Frame::Freeze { .. } => kind::FREEZE,
             Frame::FreezeAck { .. } => kind::FREEZE_ACK,
             Frame::Ping => kind::PING,
+            Frame::Sealed(_) => kind::SEALED,
         }
     }
 
@@ -346,6 +394,7 @@ impl Frame {
             Frame::Freeze { ack } => out.put_u64(ack.0),
             Frame::FreezeAck { ack } => out.put_u64(ack.0),
             Frame::Ping => {}
+            Frame::Sealed(b) => out.put_slice(b),
         }
     }
 
@@ -371,6 +420,12 @@ impl Frame {
         }
         buf.advance(HEADER_LEN);
         let body = buf.split_to(len as usize);
+        if ty == kind::SEALED {
+            if body.len() < MIN_SEALED_BODY {
+                return Err(DecodeError::Truncated("sealed frame").into());
+            }
+            return Ok(Some(Frame::Sealed(body)));
+        }
         if ty == kind::DATA {
             let mut r = Reader::new(&body);
             let offset = Offset(r.u64("data offset")?);
@@ -403,21 +458,40 @@ impl Frame {
         let frame = match ty {
             kind::HELLO => {
                 check_magic(&mut r)?;
+                let endpoint = EndpointId(r.array("endpoint id")?);
+                let contact = r.socket_addr("contact")?;
+                let eph = r.array("ephemeral key")?;
+                let nonce = r.array("nonce")?;
+                let (insecure, psk, identity) = get_flags(&mut r)?;
                 Frame::Hello(Hello {
-                    endpoint: EndpointId(r.array("endpoint id")?),
-                    contact: r.socket_addr("contact")?,
-                    eph: r.array("ephemeral key")?,
-                    nonce: r.array("nonce")?,
+                    endpoint,
+                    contact,
+                    eph,
+                    nonce,
+                    insecure,
+                    psk,
+                    identity,
                 })
             }
-            kind::WELCOME => Frame::Welcome(Welcome {
-                session: SessionId(r.array("session id")?),
-                endpoint: EndpointId(r.array("endpoint id")?),
-                contact: r.socket_addr("contact")?,
-                eph: r.array("ephemeral key")?,
-                nonce: r.array("nonce")?,
-                mac: r.array("mac")?,
-            }),
+            kind::WELCOME => {
+                let session = SessionId(r.array("session id")?);
+                let endpoint = EndpointId(r.array("endpoint id")?);
+                let contact = r.socket_addr("contact")?;
+                let eph = r.array("ephemeral key")?;
+                let nonce = r.array("nonce")?;
+                let (insecure, psk, identity) = get_flags(&mut r)?;
+                Frame::Welcome(Welcome {
+                    session,
+                    endpoint,
+                    contact,
+                    eph,
+                    nonce,
+                    insecure,
+                    psk,
+                    identity,
+                    mac: r.array("mac")?,
+                })
+            }
             kind::REASSOC => {
                 check_magic(&mut r)?;
                 Frame::Reassoc(Reassoc {
@@ -467,7 +541,38 @@ impl Frame {
 }
 
 fn is_known(ty: u8) -> bool {
-    matches!(ty, 0x01..=0x07 | 0x10..=0x15)
+    matches!(ty, 0x01..=0x07 | 0x10..=0x15 | 0x20)
+}
+
+/// Read the flags byte of `Hello` / `Welcome` and the static key it announces.
+fn get_flags(r: &mut Reader<'_>) -> Result<(bool, bool, Option<PublicKey>), DecodeError> {
+    let f = r.u8("flags")?;
+    if f & !flags::ALL != 0 {
+        return Err(DecodeError::Invalid("flags"));
+    }
+    let identity = if f & flags::IDENTITY != 0 {
+        Some(PublicKey(r.array("static key")?))
+    } else {
+        None
+    };
+    Ok((f & flags::INSECURE != 0, f & flags::PSK != 0, identity))
+}
+
+fn put_flags(out: &mut impl BufMut, insecure: bool, psk: bool, identity: Option<&PublicKey>) {
+    let mut f = 0;
+    if insecure {
+        f |= flags::INSECURE;
+    }
+    if psk {
+        f |= flags::PSK;
+    }
+    if identity.is_some() {
+        f |= flags::IDENTITY;
+    }
+    out.put_u8(f);
+    if let Some(k) = identity {
+        out.put_slice(&k.0);
+    }
 }
 
 fn check_magic(r: &mut Reader<'_>) -> Result<(), FrameError> {
@@ -476,7 +581,7 @@ fn check_magic(r: &mut Reader<'_>) -> Result<(), FrameError> {
         return Err(FrameError::BadMagic);
     }
     let v = r.u16("version")?;
-    if v != VERSION {
+    if v != STREAM_VERSION {
         return Err(FrameError::UnsupportedVersion(v));
     }
     Ok(())
@@ -484,7 +589,7 @@ fn check_magic(r: &mut Reader<'_>) -> Result<(), FrameError> {
 
 fn put_magic(out: &mut impl BufMut) {
     out.put_slice(&MAGIC);
-    out.put_u16(VERSION);
+    out.put_u16(STREAM_VERSION);
 }
 
 impl Hello {
@@ -494,6 +599,7 @@ impl Hello {
         out.put_socket_addr(self.contact);
         out.put_slice(&self.eph);
         out.put_slice(&self.nonce);
+        put_flags(out, self.insecure, self.psk, self.identity.as_ref());
     }
 
     /// The bytes the transcript hash covers.
@@ -512,11 +618,12 @@ impl Welcome {
         out.put_socket_addr(self.contact);
         out.put_slice(&self.eph);
         out.put_slice(&self.nonce);
+        put_flags(out, self.insecure, self.psk, self.identity.as_ref());
     }
 
     /// [`Self::encode_signed`] into a fresh vector.
     pub fn signed(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(112);
+        let mut v = Vec::with_capacity(160);
         self.encode_signed(&mut v);
         v
     }
@@ -571,6 +678,18 @@ mod tests {
                 contact: addr,
                 eph: [2; 32],
                 nonce: [3; 16],
+                insecure: false,
+                psk: true,
+                identity: Some(PublicKey([20; 32])),
+            }),
+            Frame::Hello(Hello {
+                endpoint: EndpointId([1; 16]),
+                contact: addr,
+                eph: [2; 32],
+                nonce: [3; 16],
+                insecure: true,
+                psk: false,
+                identity: None,
             }),
             Frame::Welcome(Welcome {
                 session: SessionId([4; 16]),
@@ -578,6 +697,9 @@ mod tests {
                 contact: "[::1]:9".parse().unwrap(),
                 eph: [6; 32],
                 nonce: [7; 16],
+                insecure: false,
+                psk: false,
+                identity: Some(PublicKey([21; 32])),
                 mac: [8; 32],
             }),
             Frame::Reassoc(Reassoc {
@@ -626,6 +748,7 @@ mod tests {
             Frame::Freeze { ack: Offset(7) },
             Frame::FreezeAck { ack: Offset(8) },
             Frame::Ping,
+            Frame::Sealed(BytesMut::from(&[7u8; 40][..])),
         ]
     }
 
@@ -684,6 +807,9 @@ mod tests {
             contact: "127.0.0.2:1".parse().unwrap(),
             eph: [0; 32],
             nonce: [0; 16],
+            insecure: false,
+            psk: false,
+            identity: None,
         })
         .to_bytes();
         hello[HEADER_LEN] = b'X';
@@ -704,6 +830,27 @@ mod tests {
         assert_eq!(
             Frame::decode_exact(&ack),
             Err(FrameError::Body(DecodeError::Trailing(1)))
+        );
+        let short_sealed = [kind::SEALED, 0, 0, 0, 3, 1, 2, 3];
+        assert!(matches!(
+            Frame::decode_exact(&short_sealed),
+            Err(FrameError::Body(DecodeError::Truncated(_)))
+        ));
+        let mut bad_flags = Frame::Hello(Hello {
+            endpoint: EndpointId([1; 16]),
+            contact: "127.0.0.2:1".parse().unwrap(),
+            eph: [0; 32],
+            nonce: [0; 16],
+            insecure: false,
+            psk: false,
+            identity: None,
+        })
+        .to_bytes();
+        let last = bad_flags.len() - 1;
+        bad_flags[last] = 0x80;
+        assert_eq!(
+            Frame::decode_exact(&bad_flags),
+            Err(FrameError::Body(DecodeError::Invalid("flags")))
         );
         let short_data = [kind::DATA, 0, 0, 0, 3, 1, 2, 3];
         assert!(matches!(

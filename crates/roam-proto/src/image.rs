@@ -3,18 +3,29 @@
 //! Layout: `"ROAMIMG\0" | version: u16 | body length: u32 | body | SHA-256 of all before`.
 //! Decoding checks the magic, the version, the exact length, the digest, every field, and the
 //! consistency of the offsets, in that order; any failure is a typed [`ImageError`].
+//!
+//! A **sealed** image ([`StreamImage::seal_with`], PROTOCOL.md §7.1) is encrypted and
+//! authenticated for one recipient's static key: `"ROAMSEAL" | version u16 | recipient [32] |
+//! ephemeral [32] | ChaCha20-Poly1305(image) | tag [16]`.
 
 use bytes::{BufMut, Bytes};
 
 use crate::codec::{DecodeError, Reader, WriteExt};
 use crate::crypto::{self, SessionKey};
+use crate::secure::{Identity, PublicKey};
 use crate::session::{LocalInfo, PeerInfo, Stats};
-use crate::types::{EndpointId, Epoch, Offset, SessionId};
+use crate::types::{EndpointId, Entropy, Epoch, Offset, SessionId};
 
 /// First bytes of every image.
 pub const IMAGE_MAGIC: [u8; 8] = *b"ROAMIMG\0";
 /// The image format version this crate writes and reads.
-pub const IMAGE_VERSION: u16 = 1;
+pub const IMAGE_VERSION: u16 = 2;
+/// First bytes of every sealed image.
+pub const SEALED_MAGIC: [u8; 8] = *b"ROAMSEAL";
+/// The sealed-image format version.
+pub const SEALED_VERSION: u16 = 1;
+/// Bytes of a sealed image before its ciphertext: magic, version, recipient, ephemeral key.
+const SEALED_HEADER_LEN: usize = 8 + 2 + 32 + 32;
 const DIGEST_LEN: usize = 32;
 const PREFIX_LEN: usize = 8 + 2 + 4;
 
@@ -43,6 +54,18 @@ pub enum ImageError {
     /// The fields contradict each other.
     #[error("inconsistent image: {0}")]
     Inconsistent(&'static str),
+    /// A sealed image: open it with [`StreamImage::open_sealed`] (the recipient's identity).
+    #[error("sealed image: thaw it with the recipient's identity")]
+    Sealed,
+    /// A sealed image addressed to another identity.
+    #[error("sealed image is for another recipient ({0})")]
+    WrongRecipient(PublicKey),
+    /// A sealed image that failed authentication: altered, or sealed under another key.
+    #[error("sealed image failed authentication (tampered)")]
+    Tampered,
+    /// No identity to open a sealed image with.
+    #[error("no identity configured to open a sealed image")]
+    NoIdentity,
 }
 
 /// A frozen stream's complete state: identity, keys, peer, sequence numbers, the
@@ -55,6 +78,8 @@ pub struct StreamImage {
     pub(crate) session: SessionId,
     pub(crate) epoch: Epoch,
     pub(crate) key: SessionKey,
+    pub(crate) secure: bool,
+    pub(crate) peer_identity: Option<PublicKey>,
     pub(crate) local: LocalInfo,
     pub(crate) peer: PeerInfo,
     pub(crate) tx_acked: Offset,
@@ -117,12 +142,87 @@ impl StreamImage {
         self.stats
     }
 
+    /// Whether the session's frames are sealed (false only in the insecure plaintext mode).
+    pub fn is_secure(&self) -> bool {
+        self.secure
+    }
+
+    /// The static key the peer proved at association, if any.
+    pub fn peer_identity(&self) -> Option<PublicKey> {
+        self.peer_identity
+    }
+
+    /// This image encrypted and authenticated for the holder of `recipient`'s secret
+    /// (PROTOCOL.md §7.1): X25519 between a fresh ephemeral key (`entropy.secret`) and
+    /// `recipient`, HKDF-SHA256, ChaCha20-Poly1305. Intercepted, it discloses nothing but its
+    /// length and recipient; only [`StreamImage::open_sealed`] with that identity opens it.
+    pub fn seal_with(&self, recipient: &PublicKey, entropy: &Entropy) -> Vec<u8> {
+        let eph_public = crypto::public_of(entropy.secret);
+        let mut out = Vec::with_capacity(SEALED_HEADER_LEN + 512);
+        out.put_slice(&SEALED_MAGIC);
+        out.put_u16(SEALED_VERSION);
+        out.put_slice(&recipient.0);
+        out.put_slice(&eph_public);
+        out.extend_from_slice(&self.to_bytes());
+        let (aad, body) = out.split_at_mut(SEALED_HEADER_LEN);
+        let tag = crypto::seal_for(&recipient.0, entropy.secret, aad, body);
+        // A low-order recipient key gives no secret: seal to nothing anyone can open (all-zero
+        // tag over a zeroed body) rather than disclose the image.
+        let tag = tag.unwrap_or_else(|| {
+            body.fill(0);
+            [0; crypto::TAG_LEN]
+        });
+        out.put_slice(&tag);
+        out
+    }
+
+    /// Open an image sealed for `identity` and decode it.
+    pub fn open_sealed(bytes: &[u8], identity: &Identity) -> Result<StreamImage, ImageError> {
+        if bytes.len() < 8 || bytes[..8] != SEALED_MAGIC {
+            return Err(if SEALED_MAGIC.starts_with(bytes) {
+                ImageError::Truncated
+            } else {
+                ImageError::Foreign
+            });
+        }
+        if bytes.len() < SEALED_HEADER_LEN + crypto::TAG_LEN {
+            return Err(ImageError::Truncated);
+        }
+        let version = u16::from_be_bytes([bytes[8], bytes[9]]);
+        if version != SEALED_VERSION {
+            return Err(ImageError::UnsupportedVersion(version));
+        }
+        let mut recipient = [0u8; 32];
+        recipient.copy_from_slice(&bytes[10..42]);
+        if recipient != identity.key.public {
+            return Err(ImageError::WrongRecipient(PublicKey(recipient)));
+        }
+        let mut eph = [0u8; 32];
+        eph.copy_from_slice(&bytes[42..74]);
+        let (aad, rest) = bytes.split_at(SEALED_HEADER_LEN);
+        let (ct, tag) = rest.split_at(rest.len() - crypto::TAG_LEN);
+        let mut tagb = [0u8; crypto::TAG_LEN];
+        tagb.copy_from_slice(tag);
+        let mut body = ct.to_vec();
+        crypto::open_sealed(&identity.key, &eph, aad, &mut body, &tagb)
+            .map_err(|_| ImageError::Tampered)?;
+        StreamImage::from_bytes(&body)
+    }
+
     /// Encode for transport or storage.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(256 + self.tx_data.len() + self.rx_data.len());
         body.put_slice(&self.session.0);
         body.put_u64(self.epoch.0);
         body.put_slice(&self.key.0);
+        body.put_u8(u8::from(self.secure));
+        match &self.peer_identity {
+            None => body.put_u8(0),
+            Some(k) => {
+                body.put_u8(1);
+                body.put_slice(&k.0);
+            }
+        }
         body.put_slice(&self.local.endpoint.0);
         body.put_socket_addr(self.local.contact);
         body.put_slice(&self.peer.endpoint.0);
@@ -145,18 +245,28 @@ impl StreamImage {
             s.reassociations,
             s.connections_lost,
             s.migrations,
+            s.auth_failures,
         ] {
             body.put_u64(v);
         }
-        seal(&IMAGE_MAGIC, &body)
+        seal_versioned(&IMAGE_MAGIC, IMAGE_VERSION, &body)
     }
 
     /// Decode and verify an image made by [`StreamImage::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<StreamImage, ImageError> {
-        let mut r = Reader::new(open(&IMAGE_MAGIC, bytes)?);
+        if bytes.starts_with(&SEALED_MAGIC) {
+            return Err(ImageError::Sealed);
+        }
+        let mut r = Reader::new(open_versioned(&IMAGE_MAGIC, IMAGE_VERSION, bytes)?);
         let session = SessionId(r.array("session id")?);
         let epoch = Epoch(r.u64("epoch")?);
         let key = SessionKey(r.array("key")?);
+        let secure = r.bool("secure")?;
+        let peer_identity = match r.u8("peer identity")? {
+            0 => None,
+            1 => Some(PublicKey(r.array("peer identity")?)),
+            _ => return Err(DecodeError::Invalid("peer identity").into()),
+        };
         let local = LocalInfo {
             endpoint: EndpointId(r.array("local endpoint")?),
             contact: r.socket_addr("local contact")?,
@@ -174,7 +284,7 @@ impl StreamImage {
         let peer_fin = r.opt_u64("peer end of stream")?.map(Offset);
         let rx_len = r.u64("receive buffer length")?;
         let rx_data = Bytes::copy_from_slice(r.bytes(len_of(rx_len, &r)?, "receive buffer")?);
-        let mut st = [0u64; 7];
+        let mut st = [0u64; 8];
         for v in &mut st {
             *v = r.u64("stats")?;
         }
@@ -209,6 +319,8 @@ impl StreamImage {
             session,
             epoch,
             key,
+            secure,
+            peer_identity,
             local,
             peer,
             tx_acked,
@@ -226,16 +338,17 @@ impl StreamImage {
                 reassociations: st[4],
                 connections_lost: st[5],
                 migrations: st[6],
+                auth_failures: st[7],
             },
         })
     }
 }
 
 /// Wrap an image body: `magic | version | length | body | SHA-256 of all before`.
-pub(crate) fn seal(magic: &[u8; 8], body: &[u8]) -> Vec<u8> {
+fn seal_versioned(magic: &[u8; 8], version: u16, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(PREFIX_LEN + body.len() + DIGEST_LEN);
     out.put_slice(magic);
-    out.put_u16(IMAGE_VERSION);
+    out.put_u16(version);
     // Image bodies are bounded by session and socket buffer capacities (far below 4 GiB).
     out.put_u32(body.len() as u32);
     out.put_slice(body);
@@ -245,7 +358,11 @@ pub(crate) fn seal(magic: &[u8; 8], body: &[u8]) -> Vec<u8> {
 }
 
 /// Check an image's envelope (magic, version, exact length, digest) and return its body.
-pub(crate) fn open<'a>(magic: &[u8; 8], bytes: &'a [u8]) -> Result<&'a [u8], ImageError> {
+fn open_versioned<'a>(
+    magic: &[u8; 8],
+    expected_version: u16,
+    bytes: &'a [u8],
+) -> Result<&'a [u8], ImageError> {
     if bytes.len() < 8 || bytes[..8] != *magic {
         return Err(if magic.starts_with(bytes) {
             ImageError::Truncated
@@ -257,7 +374,7 @@ pub(crate) fn open<'a>(magic: &[u8; 8], bytes: &'a [u8]) -> Result<&'a [u8], Ima
         return Err(ImageError::Truncated);
     }
     let version = u16::from_be_bytes([bytes[8], bytes[9]]);
-    if version != IMAGE_VERSION {
+    if version != expected_version {
         return Err(ImageError::UnsupportedVersion(version));
     }
     let body_len = u32::from_be_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]) as usize;

@@ -10,7 +10,10 @@
 //! - [`session`]: one session (the patent's roam socket module): association, data with byte
 //!   sequence numbers and acknowledgements, freeze, re-association; and [`ForwardTable`], an
 //!   endpoint's pointers to where its sessions went.
-//! - [`image`]: the versioned, integrity-checked migration image.
+//! - [`image`]: the versioned, integrity-checked migration image, and sealed images.
+//! - [`secure`]: identities, peer policies (trust-on-first-use, pinning, pre-shared key) and
+//!   the insecure plaintext mode. Every frame after the handshake is sealed with
+//!   ChaCha20-Poly1305 by default (PROTOCOL.md §3.1).
 //! - [`datagram`]: migrateable datagram sockets (association tables, re-association, address
 //!   translation).
 //!
@@ -45,6 +48,7 @@ mod crypto;
 pub mod datagram;
 pub mod frame;
 pub mod image;
+pub mod secure;
 pub mod session;
 mod types;
 
@@ -55,8 +59,9 @@ pub use datagram::{
 };
 pub use frame::{Frame, FrameError, RefuseReason};
 pub use image::{ImageError, StreamImage};
+pub use secure::{Identity, PeerPolicy, PreSharedKey, PublicKey, Security};
 pub use session::{
-    Associating, Event, ForwardTable, FreezeError, HandshakeError, LocalInfo, PeerInfo,
+    Associating, Event, ForwardTable, FreezeError, HandshakeError, LocalInfo, Opened, PeerInfo,
     ProtocolViolation, ReadError, Session, SessionConfig, SessionError, Stats, Transmit,
     WriteError, MAX_REDIRECTS,
 };

@@ -21,12 +21,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::crypto::{self, Ephemeral, SessionKey};
+use crate::crypto::{self, Ephemeral, SessionKey, Traffic};
 use crate::frame::{
-    data_header, Accept, Confirm, Frame, Hello, Moved, Reassoc, RefuseReason, Welcome,
-    DATA_HEADER_LEN, MAX_FRAME_BODY,
+    data_header, kind, Accept, Confirm, Frame, Hello, Moved, Reassoc, RefuseReason, Welcome,
+    DATA_HEADER_LEN, HEADER_LEN, MAX_FRAME_BODY, TAG_LEN,
 };
 use crate::image::StreamImage;
+use crate::secure::{PublicKey, Security};
 use crate::types::{ConnId, EndpointId, Entropy, Epoch, Offset, SessionId};
 
 /// Every receiver accepts at least this many bytes beyond its read offset before it has
@@ -41,6 +42,10 @@ const LABEL_WELCOME: &[u8] = b"roam/v1/welcome";
 const LABEL_REASSOC: &[u8] = b"roam/v1/reassoc";
 const LABEL_ACCEPT: &[u8] = b"roam/v1/accept";
 const LABEL_CONFIRM: &[u8] = b"roam/v1/confirm";
+const LABEL_ASSOC_CONFIRM: &[u8] = b"roam/v1/assoc-confirm";
+/// Sealed frames are encrypted into blocks of at least this size, split off one per frame
+/// (a block is reused once every frame in it was written).
+const SEAL_BLOCK: usize = 256 * 1024;
 
 /// Tunable limits and timers of a session. [`Default`] gives the documented defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,6 +210,26 @@ pub enum HandshakeError {
     /// The peer sent a frame that does not belong in the handshake.
     #[error("unexpected frame in handshake")]
     Unexpected,
+    /// The peer's identity is not acceptable under this side's policy: its static key is
+    /// missing or not pinned, or the pre-shared key settings differ.
+    #[error("peer identity not accepted (not pinned, or pre-shared key mismatch)")]
+    Unauthorized,
+    /// One end runs the insecure plaintext mode and the other does not.
+    #[error("security mode mismatch: one end runs insecure plaintext")]
+    SecurityMismatch,
+}
+
+impl HandshakeError {
+    /// The `Refuse` a listener sends for this error.
+    pub fn refuse_reason(&self) -> RefuseReason {
+        match self {
+            HandshakeError::Refused(r) => *r,
+            HandshakeError::Unauthorized => RefuseReason::Unauthorized,
+            HandshakeError::SecurityMismatch => RefuseReason::SecurityMismatch,
+            HandshakeError::BadProof | HandshakeError::WeakKey => RefuseReason::BadProof,
+            HandshakeError::Unexpected => RefuseReason::Protocol,
+        }
+    }
 }
 
 /// Something the driver must act on, from [`Session::poll_event`].
@@ -249,6 +274,9 @@ pub struct Stats {
     pub connections_lost: u64,
     /// Planned migrations (freezes) this session went through, on either side.
     pub migrations: u64,
+    /// Sealed frames that failed authentication (altered, replayed, injected or reordered); each
+    /// dropped its connection, and the session re-associated (PROTOCOL.md §3.1).
+    pub auth_failures: u64,
 }
 
 /// One frame ready for the current connection: a small header and an optional payload that is
@@ -272,6 +300,37 @@ impl Transmit {
             header_len: enc.len() as u8,
             payload: Bytes::new(),
         }
+    }
+
+    /// A frame that is all payload (no separate header).
+    fn whole(frame: &Frame) -> Transmit {
+        Transmit {
+            header: [0; 32],
+            header_len: 0,
+            payload: frame.to_bytes().freeze(),
+        }
+    }
+
+    /// `t` sealed under `traffic` (PROTOCOL.md §3.1): the header of a `Sealed` frame, and its
+    /// body (inner frame encrypted in place in `block`, then the tag) as the payload.
+    fn sealed(t: &Transmit, traffic: &mut Traffic, block: &mut BytesMut) -> Option<Transmit> {
+        let body_len = t.len() + TAG_LEN;
+        let mut header = [0u8; 32];
+        header[0] = kind::SEALED;
+        // Inner frames are bounded by MAX_FRAME_BODY, so the length fits in a u32.
+        header[1..HEADER_LEN].copy_from_slice(&(body_len as u32).to_be_bytes());
+        if block.capacity() < body_len {
+            block.reserve(body_len.max(SEAL_BLOCK));
+        }
+        block.extend_from_slice(t.header());
+        block.extend_from_slice(&t.payload);
+        let tag = traffic.seal(&header[..HEADER_LEN], &mut block[..]).ok()?;
+        block.extend_from_slice(&tag);
+        Some(Transmit {
+            header,
+            header_len: HEADER_LEN as u8,
+            payload: block.split().freeze(),
+        })
     }
 
     fn data(h: [u8; DATA_HEADER_LEN], payload: Bytes) -> Transmit {
@@ -406,6 +465,18 @@ impl ForwardTable {
     }
 }
 
+/// A frame that [`Session::open_frame`] authenticated and decrypted on the session's current
+/// connection; only it can make one, and [`Session::handle_opened`] takes only this.
+#[derive(Debug)]
+pub struct Opened(Frame);
+
+impl Opened {
+    /// The inner frame.
+    pub fn frame(&self) -> &Frame {
+        &self.0
+    }
+}
+
 /// Proof that the peer demonstrated possession of the session key on a connection. Only the
 /// verification paths in this module can make one, and a connection becomes current only with
 /// one (PROTOCOL.md §5.2).
@@ -459,20 +530,59 @@ pub struct Associating {
     local: LocalInfo,
     eph: Ephemeral,
     hello: Hello,
+    security: Security,
+}
+
+/// The input keying material of `k_0` (PROTOCOL.md §5.1): `DH(e_d, e_l)`, then
+/// `DH(e_d, S_l)` if the listener presents a static key, `DH(s_d, e_l)` if the dialer does,
+/// then the pre-shared key if both use one.
+fn association_ikm(
+    ee: [u8; 32],
+    listener_static: Option<[u8; 32]>,
+    dialer_static: Option<[u8; 32]>,
+    psk: Option<&[u8; 32]>,
+) -> Vec<[u8; 32]> {
+    let mut ikm = vec![ee];
+    ikm.extend(listener_static);
+    ikm.extend(dialer_static);
+    ikm.extend(psk.copied());
+    ikm
 }
 
 impl Associating {
-    /// Begin associating: returns the state to keep and the `Hello` to send.
+    /// Begin associating with the default (secure, trust-on-first-use) settings: returns the
+    /// state to keep and the `Hello` to send.
     pub fn new(local: LocalInfo, entropy: &Entropy) -> (Associating, Frame) {
+        Associating::with_security(local, entropy, &Security::default())
+    }
+
+    /// Begin associating under `security`: returns the state to keep and the `Hello` to send.
+    pub fn with_security(
+        local: LocalInfo,
+        entropy: &Entropy,
+        security: &Security,
+    ) -> (Associating, Frame) {
         let eph = Ephemeral::new(entropy.secret);
         let hello = Hello {
             endpoint: local.endpoint,
             contact: local.contact,
             eph: eph.public,
             nonce: entropy.nonce,
+            insecure: security.insecure_plaintext,
+            psk: security.psk().is_some(),
+            identity: security.identity.as_ref().map(|i| i.public_key()),
         };
         let frame = Frame::Hello(hello.clone());
-        (Associating { local, eph, hello }, frame)
+        let security = security.clone();
+        (
+            Associating {
+                local,
+                eph,
+                hello,
+                security,
+            },
+            frame,
+        )
     }
 
     /// Handle the listener's answer; on success the session is established on `conn`.
@@ -488,20 +598,44 @@ impl Associating {
             Frame::Refuse(r) => return Err(HandshakeError::Refused(r)),
             _ => return Err(HandshakeError::Unexpected),
         };
-        let shared = self
+        if w.insecure != self.security.insecure_plaintext {
+            return Err(HandshakeError::SecurityMismatch);
+        }
+        if w.psk != self.security.psk().is_some() || !self.security.admits(w.identity.as_ref()) {
+            return Err(HandshakeError::Unauthorized);
+        }
+        let ee = self
             .eph
             .agree(&w.eph)
             .map_err(|_| HandshakeError::WeakKey)?;
+        let es = match &w.identity {
+            Some(k) => Some(self.eph.agree(&k.0).map_err(|_| HandshakeError::WeakKey)?),
+            None => None,
+        };
+        let se = match &self.security.identity {
+            Some(i) => Some(i.key.agree(&w.eph).map_err(|_| HandshakeError::WeakKey)?),
+            None => None,
+        };
+        let ikm = association_ikm(ee, es, se, self.security.psk());
+        let ikm: Vec<&[u8]> = ikm.iter().map(|k| &k[..]).collect();
         let signed = w.signed();
-        let key = crypto::initial_key(&shared, &self.hello.transcript(), &signed);
+        let hello = self.hello.transcript();
+        let key = crypto::initial_key(&ikm, &hello, &signed);
         if !crypto::verify(&key, LABEL_WELCOME, &[&signed], &w.mac) {
             return Err(HandshakeError::BadProof);
         }
+        let confirm = Frame::Confirm(Confirm {
+            mac: crypto::mac(&key, LABEL_ASSOC_CONFIRM, &[&hello, &signed]),
+        });
         let peer = PeerInfo {
             endpoint: w.endpoint,
             contact: w.contact,
         };
         let mut s = Session::new(config, w.session, self.local, peer, key, now);
+        s.secure = !self.security.insecure_plaintext;
+        s.peer_identity = w.identity;
+        // Key confirmation for the listener, before any other frame (PROTOCOL.md §5.1 step 4).
+        s.first_tx = Some(confirm);
         s.install_link(ProofOfKey(()), now, conn, true);
         Ok(s)
     }
@@ -515,6 +649,19 @@ pub struct Session {
     peer: PeerInfo,
     epoch: Epoch,
     key: SessionKey,
+    /// Frames after the handshake are sealed (false only in the insecure plaintext mode).
+    secure: bool,
+    /// The peer's static key, if it presented one at association.
+    peer_identity: Option<PublicKey>,
+    /// The current connection's frame keys and counters (secure sessions with a link).
+    traffic: Option<Traffic>,
+    /// Where sealed frames are encrypted (PROTOCOL.md §3.1).
+    seal_block: BytesMut,
+    /// Listening side of an association: the dialer's key confirmation, expected as the first
+    /// frame on the connection (PROTOCOL.md §5.1).
+    awaiting_confirm: Option<[u8; 32]>,
+    /// Dialing side of an association: the key confirmation to send before anything else.
+    first_tx: Option<Frame>,
     pending: VecDeque<Pending>,
     /// Dialing side: the epoch and key before our last `Accept`, kept until the listener shows
     /// it installed the new connection (any frame on it). If the listener froze before our
@@ -604,6 +751,12 @@ impl Session {
             peer,
             epoch: Epoch(0),
             key,
+            secure: true,
+            peer_identity: None,
+            traffic: None,
+            seal_block: BytesMut::new(),
+            awaiting_confirm: None,
+            first_tx: None,
             pending: VecDeque::new(),
             unconfirmed: None,
             dialing: None,
@@ -655,24 +808,71 @@ impl Session {
         entropy: &Entropy,
         config: SessionConfig,
     ) -> Result<(Session, Frame), HandshakeError> {
+        let security = Security::default();
+        Session::accept_hello_with(now, conn, hello, id, local, entropy, config, &security)
+    }
+
+    /// [`Session::accept_hello`] under `security`: a `Hello` whose mode, pre-shared key use or
+    /// static key this side does not accept is refused (send the error's
+    /// [`HandshakeError::refuse_reason`]).
+    ///
+    /// The session's first frame on `conn` must be the dialer's key confirmation: until
+    /// [`Session::handle_frame`] has accepted it, [`Session::is_confirmed`] is false and the
+    /// session sends nothing; any other first frame drops the connection and fails the
+    /// session. A driver hands the stream to the application only once it is confirmed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn accept_hello_with(
+        now: Instant,
+        conn: ConnId,
+        hello: &Hello,
+        id: SessionId,
+        local: LocalInfo,
+        entropy: &Entropy,
+        config: SessionConfig,
+        security: &Security,
+    ) -> Result<(Session, Frame), HandshakeError> {
+        if hello.insecure != security.insecure_plaintext {
+            return Err(HandshakeError::SecurityMismatch);
+        }
+        if hello.psk != security.psk().is_some() || !security.admits(hello.identity.as_ref()) {
+            return Err(HandshakeError::Unauthorized);
+        }
         let eph = Ephemeral::new(entropy.secret);
-        let shared = eph.agree(&hello.eph).map_err(|_| HandshakeError::WeakKey)?;
+        let ee = eph.agree(&hello.eph).map_err(|_| HandshakeError::WeakKey)?;
+        let es = match &security.identity {
+            Some(i) => Some(i.key.agree(&hello.eph).map_err(|_| HandshakeError::WeakKey)?),
+            None => None,
+        };
+        let se = match &hello.identity {
+            Some(k) => Some(eph.agree(&k.0).map_err(|_| HandshakeError::WeakKey)?),
+            None => None,
+        };
         let mut w = Welcome {
             session: id,
             endpoint: local.endpoint,
             contact: local.contact,
             eph: eph.public,
             nonce: entropy.nonce,
+            insecure: security.insecure_plaintext,
+            psk: security.psk().is_some(),
+            identity: security.identity.as_ref().map(|i| i.public_key()),
             mac: [0; 32],
         };
         let signed = w.signed();
-        let key = crypto::initial_key(&shared, &hello.transcript(), &signed);
+        let ikm = association_ikm(ee, es, se, security.psk());
+        let ikm: Vec<&[u8]> = ikm.iter().map(|k| &k[..]).collect();
+        let transcript = hello.transcript();
+        let key = crypto::initial_key(&ikm, &transcript, &signed);
         w.mac = crypto::mac(&key, LABEL_WELCOME, &[&signed]);
+        let confirm = crypto::mac(&key, LABEL_ASSOC_CONFIRM, &[&transcript, &signed]);
         let peer = PeerInfo {
             endpoint: hello.endpoint,
             contact: hello.contact,
         };
         let mut s = Session::new(config, id, local, peer, key, now);
+        s.secure = !security.insecure_plaintext;
+        s.peer_identity = hello.identity;
+        s.awaiting_confirm = Some(confirm);
         s.install_link(ProofOfKey(()), now, conn, false);
         Ok((s, Frame::Welcome(w)))
     }
@@ -694,6 +894,8 @@ impl Session {
             now,
         );
         s.epoch = image.epoch;
+        s.secure = image.secure;
+        s.peer_identity = image.peer_identity;
         s.dialer = true;
         s.next_dial = Some(now);
         s.tx_acked = image.tx_acked;
@@ -752,6 +954,28 @@ impl Session {
         let mut f = [0u8; 16];
         f.copy_from_slice(&m[..16]);
         f
+    }
+
+    /// Whether frames are sealed (false only in the insecure plaintext mode).
+    pub fn is_secure(&self) -> bool {
+        self.secure
+    }
+
+    /// The static public key the peer presented and proved at association, if any.
+    pub fn peer_identity(&self) -> Option<PublicKey> {
+        self.peer_identity
+    }
+
+    /// False on the listening side of an association until the dialer's key confirmation
+    /// arrived (PROTOCOL.md §5.1); true otherwise.
+    pub fn is_confirmed(&self) -> bool {
+        self.awaiting_confirm.is_none()
+    }
+
+    /// Frames sealed and opened on the current connection (its nonce counters), if it is
+    /// sealed. Both restart at 0 on every connection, under that connection's fresh keys.
+    pub fn frame_counters(&self) -> Option<(u64, u64)> {
+        self.traffic.as_ref().map(|t| t.counts())
     }
 
     /// The connection currently carrying the session, if any.
@@ -996,6 +1220,8 @@ impl Session {
             session: self.id,
             epoch: self.epoch,
             key: self.key.clone(),
+            secure: self.secure,
+            peer_identity: self.peer_identity,
             local: self.local,
             peer: self.peer,
             tx_acked: self.tx_acked,
@@ -1020,22 +1246,115 @@ impl Session {
         conn: ConnId,
         frame: Frame,
     ) -> Result<(), ProtocolViolation> {
+        match self.open_frame(now, conn, frame)? {
+            Some(opened) => self.handle_opened(now, conn, opened),
+            None => Ok(()),
+        }
+    }
+
+    /// The first half of [`Session::handle_frame`]: authenticate and decrypt a frame read from
+    /// `conn` (PROTOCOL.md §3.1). `Ok(None)` when there is nothing more to do (another
+    /// connection's frame, or the association's key confirmation). On `Err` the connection is
+    /// dropped as in `handle_frame`. Pass the result to [`Session::handle_opened`].
+    pub fn open_frame(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        frame: Frame,
+    ) -> Result<Option<Opened>, ProtocolViolation> {
         let Some(link) = self.link.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
         if link.conn != conn {
-            return Ok(());
+            return Ok(None);
         }
         link.last_rx = now;
-        if !matches!(frame, Frame::Refuse(_)) {
-            // The peer installed the connection (a refusal says it did not).
-            self.unconfirmed = None;
+        let r = self.open_inner(frame);
+        if r.is_err() {
+            self.lose_link(now, true);
+            if self.awaiting_confirm.is_some() {
+                // Never confirmed: nobody proved the key, there is nothing to continue.
+                self.fail(SessionError::Refused(RefuseReason::BadProof));
+            }
         }
-        let r = self.on_link_frame(now, frame);
+        r
+    }
+
+    /// The second half of [`Session::handle_frame`]: act on a frame [`Session::open_frame`]
+    /// authenticated on `conn`.
+    pub fn handle_opened(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        opened: Opened,
+    ) -> Result<(), ProtocolViolation> {
+        if self.link.is_none_or(|l| l.conn != conn) {
+            return Ok(());
+        }
+        // The peer installed the connection (§5.2).
+        self.unconfirmed = None;
+        let r = self.on_link_frame(now, opened.0);
         if r.is_err() {
             self.lose_link(now, true);
         }
         r
+    }
+
+    fn open_inner(&mut self, frame: Frame) -> Result<Option<Opened>, ProtocolViolation> {
+        if let Some(expected) = self.awaiting_confirm {
+            // PROTOCOL.md §5.1: the dialer's key confirmation comes first, in the clear.
+            let Frame::Confirm(c) = frame else {
+                return Err(ProtocolViolation("association not confirmed"));
+            };
+            if !crypto::ct_eq(&c.mac, &expected) {
+                return Err(ProtocolViolation("bad association confirmation"));
+            }
+            self.awaiting_confirm = None;
+            return Ok(None);
+        }
+        if matches!(frame, Frame::Refuse(_)) {
+            // A refusal of our Confirm: the peer did not install the connection (§5.2).
+            return Err(ProtocolViolation("refused"));
+        }
+        let frame = match (self.secure, frame) {
+            (true, Frame::Sealed(body)) => self.open_sealed(body)?,
+            (true, _) => return Err(ProtocolViolation("plaintext frame on a sealed session")),
+            (false, Frame::Sealed(_)) => {
+                return Err(ProtocolViolation("sealed frame on a plaintext session"))
+            }
+            (false, f) => f,
+        };
+        Ok(Some(Opened(frame)))
+    }
+
+    /// Authenticate and decrypt a `Sealed` body in place; the inner frame (PROTOCOL.md §3.1).
+    fn open_sealed(&mut self, mut body: BytesMut) -> Result<Frame, ProtocolViolation> {
+        let Some(traffic) = self.traffic.as_mut() else {
+            return Err(ProtocolViolation("sealed frame without keys"));
+        };
+        // Frame::decode checked body.len() >= MIN_SEALED_BODY and <= MAX_FRAME_BODY.
+        let n = body.len();
+        if n < TAG_LEN + HEADER_LEN {
+            return Err(ProtocolViolation("sealed frame too short"));
+        }
+        let mut aad = [0u8; HEADER_LEN];
+        aad[0] = kind::SEALED;
+        aad[1..].copy_from_slice(&(n as u32).to_be_bytes());
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&body[n - TAG_LEN..]);
+        if traffic
+            .open(&aad, &mut body[..n - TAG_LEN], &tag)
+            .is_err()
+        {
+            self.stats.auth_failures += 1;
+            return Err(ProtocolViolation("sealed frame failed authentication"));
+        }
+        body.truncate(n - TAG_LEN);
+        match Frame::decode(&mut body) {
+            Ok(Some(Frame::Sealed(_))) => Err(ProtocolViolation("nested sealed frame")),
+            Ok(Some(f)) if body.is_empty() => Ok(f),
+            _ => Err(ProtocolViolation("malformed sealed frame")),
+        }
     }
 
     fn on_link_frame(&mut self, now: Instant, frame: Frame) -> Result<(), ProtocolViolation> {
@@ -1704,6 +2023,12 @@ impl Session {
         self.unconfirmed = None;
         self.redirect = None;
         self.redirects = 0;
+        // Fresh keys for every connection: each is installed under a key no earlier connection
+        // used (a new association, or a ratchet with a fresh DH secret), so frame counters
+        // start at 0 without ever repeating a nonce under a key (PROTOCOL.md §3.1).
+        self.traffic = self
+            .secure
+            .then(|| Traffic::new(&self.key, self.epoch, dialer));
         if let Some(old) = self.link.take() {
             self.events.push_back(Event::CloseConnection(old.conn));
         }
@@ -1796,11 +2121,28 @@ impl Session {
 
     /// The next frame to write on the current connection, if any.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        self.link?;
+        if let Some(f) = self.first_tx.take() {
+            return Some(Transmit::whole(&f));
+        }
+        if self.awaiting_confirm.is_some() {
+            return None;
+        }
         let t = self.next_transmit(now)?;
         if let Some(l) = self.link.as_mut() {
             l.last_tx = now;
         }
-        Some(t)
+        match self.traffic.as_mut() {
+            None => Some(t),
+            Some(traffic) => match Transmit::sealed(&t, traffic, &mut self.seal_block) {
+                Some(t) => Some(t),
+                None => {
+                    // 2^64 frames on one connection: start a fresh one (fresh keys).
+                    self.lose_link(now, true);
+                    None
+                }
+            },
+        }
     }
 
     fn next_transmit(&mut self, now: Instant) -> Option<Transmit> {

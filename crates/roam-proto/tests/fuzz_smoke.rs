@@ -10,6 +10,8 @@
 mod checks;
 #[path = "../../../fuzz/src/datagram_checks.rs"]
 mod datagram_checks;
+#[path = "../../../fuzz/src/secure_checks.rs"]
+mod secure_checks;
 #[path = "../../../fuzz/src/session_driver.rs"]
 mod session_driver;
 
@@ -21,8 +23,8 @@ use proptest::prelude::*;
 use roam_proto::datagram::{dkind, Packet};
 use roam_proto::frame::{Accept, Confirm, Hello, Moved, Reassoc, Welcome};
 use roam_proto::{
-    Associating, ConnId, EndpointId, Entropy, Epoch, Frame, LocalInfo, Offset, RefuseReason,
-    Session, SessionConfig, SessionId, StreamImage,
+    Associating, ConnId, EndpointId, Entropy, Epoch, Frame, LocalInfo, Offset, PublicKey,
+    RefuseReason, Session, SessionConfig, SessionId, StreamImage,
 };
 use roam_proto::{DatagramConfig, DatagramImage, DatagramSocket, SocketId};
 use session_driver::{decode_ops, encode_ops, Harness, Op};
@@ -49,7 +51,18 @@ fn refuse() -> impl Strategy<Value = RefuseReason> {
         Just(RefuseReason::Version),
         Just(RefuseReason::Closed),
         Just(RefuseReason::Protocol),
+        Just(RefuseReason::Unauthorized),
+        Just(RefuseReason::SecurityMismatch),
     ]
+}
+
+/// Flags of a Hello / Welcome: insecure, psk, and an optional static key.
+fn hello_flags() -> impl Strategy<Value = (bool, bool, Option<PublicKey>)> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        proptest::option::of(any::<[u8; 32]>().prop_map(PublicKey)),
+    )
 }
 
 /// Any valid frame.
@@ -59,30 +72,42 @@ fn frame() -> impl Strategy<Value = Frame> {
             any::<[u8; 16]>(),
             addr(),
             any::<[u8; 32]>(),
-            any::<[u8; 16]>()
+            any::<[u8; 16]>(),
+            hello_flags(),
         )
-            .prop_map(|(e, contact, eph, nonce)| Frame::Hello(Hello {
-                endpoint: EndpointId(e),
-                contact,
-                eph,
-                nonce
-            })),
+            .prop_map(|(e, contact, eph, nonce, (insecure, psk, identity))| {
+                Frame::Hello(Hello {
+                    endpoint: EndpointId(e),
+                    contact,
+                    eph,
+                    nonce,
+                    insecure,
+                    psk,
+                    identity,
+                })
+            }),
         (
             any::<[u8; 16]>(),
             any::<[u8; 16]>(),
             addr(),
             any::<[u8; 32]>(),
             any::<[u8; 16]>(),
-            any::<[u8; 32]>()
+            any::<[u8; 32]>(),
+            hello_flags(),
         )
-            .prop_map(|(s, e, contact, eph, nonce, mac)| Frame::Welcome(Welcome {
-                session: SessionId(s),
-                endpoint: EndpointId(e),
-                contact,
-                eph,
-                nonce,
-                mac
-            })),
+            .prop_map(|(s, e, contact, eph, nonce, mac, (insecure, psk, identity))| {
+                Frame::Welcome(Welcome {
+                    session: SessionId(s),
+                    endpoint: EndpointId(e),
+                    contact,
+                    eph,
+                    nonce,
+                    insecure,
+                    psk,
+                    identity,
+                    mac,
+                })
+            }),
         (
             any::<[u8; 16]>(),
             any::<u64>(),
@@ -140,6 +165,8 @@ fn frame() -> impl Strategy<Value = Frame> {
         off().prop_map(|ack| Frame::Freeze { ack }),
         off().prop_map(|ack| Frame::FreezeAck { ack }),
         Just(Frame::Ping),
+        proptest::collection::vec(any::<u8>(), 21..200)
+            .prop_map(|b| Frame::Sealed(bytes::BytesMut::from(&b[..]))),
     ]
 }
 
@@ -357,12 +384,12 @@ fn forged_images_with_huge_offsets_or_counters_are_inconsistent() {
         edit(&mut b);
         checks::seal_image(&b)
     };
-    // The last field of the body is seven u64 counters; tx_acked follows the two
-    // (IPv4) contacts.
-    const TX_ACKED: usize = 16 + 8 + 32 + 16 + 7 + 16 + 7;
+    // The last field of the body is eight u64 counters; tx_acked follows the security mode,
+    // the (absent) peer identity and the two (IPv4) contacts.
+    const TX_ACKED: usize = 16 + 8 + 32 + 1 + 1 + 16 + 7 + 16 + 7;
     let n = body.len();
     for v in [u64::MAX, 1 << 62] {
-        for at in (n - 56..n).step_by(8) {
+        for at in (n - 64..n).step_by(8) {
             let forged = reseal(&|b| b[at..at + 8].copy_from_slice(&v.to_be_bytes()));
             assert_eq!(
                 StreamImage::from_bytes(&forged),
@@ -521,6 +548,9 @@ fn write_seed_corpus() {
             contact: "127.0.0.2:7000".parse().unwrap(),
             eph: [2; 32],
             nonce: [3; 16],
+            insecure: false,
+            psk: false,
+            identity: Some(PublicKey([18; 32])),
         }),
         Frame::Welcome(Welcome {
             session: SessionId([4; 16]),
@@ -528,6 +558,9 @@ fn write_seed_corpus() {
             contact: "[::1]:9".parse().unwrap(),
             eph: [6; 32],
             nonce: [7; 16],
+            insecure: false,
+            psk: true,
+            identity: None,
             mac: [8; 32],
         }),
         Frame::Reassoc(Reassoc {
@@ -603,16 +636,19 @@ fn write_seed_corpus() {
 /// received offset is below what that side already acknowledged is now refused.
 #[test]
 fn reassociation_below_the_acknowledged_offset_is_refused_not_looped() {
+    // Sealed sessions refuse injected frames outright (PROTOCOL.md §3.1); the insecure
+    // plaintext mode still relies on this check.
     let now = Instant::now();
     let ent = |x: u8| Entropy {
         secret: [x; 32],
         nonce: [x; 16],
     };
-    let (dialing, hello) = Associating::new(local(2), &ent(1));
+    let plain = roam_proto::Security::new().with_insecure_plaintext(true);
+    let (dialing, hello) = Associating::with_security(local(2), &ent(1), &plain);
     let Frame::Hello(hello) = hello else {
         unreachable!()
     };
-    let (mut l, welcome) = Session::accept_hello(
+    let (mut l, welcome) = Session::accept_hello_with(
         now,
         ConnId(1),
         &hello,
@@ -620,10 +656,14 @@ fn reassociation_below_the_acknowledged_offset_is_refused_not_looped() {
         local(3),
         &ent(2),
         SessionConfig::default(),
+        &plain,
     )
     .unwrap();
     let mut d = dialing
         .handle(now, ConnId(1), welcome, SessionConfig::default())
+        .unwrap();
+    let confirm = d.poll_transmit(now).unwrap();
+    l.handle_frame(now, ConnId(1), Frame::decode_exact(&confirm.to_vec()).unwrap())
         .unwrap();
     // The listener sends 100 bytes that are lost with the connection; an injected Ack claims
     // the dialer got 60 of them.
@@ -1069,4 +1109,49 @@ fn datagram_seed_corpora_are_valid() {
         };
         assert!(ok, "{f:?}");
     }
+}
+
+// ------------------------------------------------------------------ handshake and sealed frames
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The `handshake` fuzz target's property, on random settings and mutations.
+    #[test]
+    fn mutated_handshakes_with_identities_never_panic_and_agree_when_they_complete(
+        sel in any::<u8>(),
+        hmask in proptest::collection::vec(prop_oneof![3 => Just(0u8), 1 => any::<u8>()], 0..8),
+        wmask in proptest::collection::vec(prop_oneof![3 => Just(0u8), 1 => any::<u8>()], 0..8),
+    ) {
+        let n = hmask.len().max(wmask.len());
+        let mut data = vec![sel];
+        data.extend(hmask.iter().copied().chain(std::iter::repeat(0)).take(n));
+        data.extend(wmask.iter().copied().chain(std::iter::repeat(0)).take(n));
+        secure_checks::check_handshake(&data);
+    }
+
+    /// The `sealed_decode` fuzz target's property: mutated sealed frames never deliver altered
+    /// bytes.
+    #[test]
+    fn mutated_sealed_frames_never_deliver_altered_bytes(
+        data in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        secure_checks::check_sealed(&data);
+    }
+}
+
+#[test]
+fn compatible_handshakes_complete_and_mismatches_do_not() {
+    // Same settings both sides (no pinning, which needs the other's identity): complete.
+    for sel in [0x00u8, 0x11, 0x44, 0x88, 0x55] {
+        assert!(secure_checks::check_handshake(&[sel]), "{sel:#04x}");
+    }
+    // Both pinning each other, with identities.
+    assert!(secure_checks::check_handshake(&[0x33]));
+    // Mode mismatch, psk on one side, pinning a peer without identity: refused.
+    for sel in [0x08u8, 0x80, 0x04, 0x40, 0x02, 0x20] {
+        assert!(!secure_checks::check_handshake(&[sel]), "{sel:#04x}");
+    }
+    // Unmodified sealed traffic is delivered whole.
+    assert_eq!(secure_checks::check_sealed(&[0, 100]), 100);
 }

@@ -12,14 +12,20 @@
 //! per client) and drops, corrupts, duplicates, reorders and delays them as set
 //! by seeded, reproducible [`Faults`].
 //!
+//! [`Mitm`] is an in-path attacker for security tests: a TCP relay that records every byte and
+//! frame and lets a hook drop, duplicate (replay) or replace (modify) each roam frame, and
+//! injects bytes on demand.
+//!
 //! All background tasks are bounded: they end when the relay is shut down or
 //! dropped, so a test never leaks a task that spins forever.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod mitm;
 mod relay;
 mod udp;
 
+pub use mitm::{Dir, FrameEvent, Mitm, Verdict};
 pub use relay::{Relay, RelayStats};
 pub use udp::{
     AttackAction, AttackDir, AttackPolicy, Faults, UdpAttacker, UdpDirectionStats, UdpRelay,

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use roam_proto::frame::Moved;
 use roam_proto::{
-    Associating, ConnId, EndpointId, Entropy, ForwardTable, Frame, FrameError, LocalInfo,
-    RefuseReason, Session, SessionConfig, SessionId, StreamImage,
+    Associating, ConnId, EndpointId, Entropy, ForwardTable, Frame, FrameError, Identity,
+    ImageError, LocalInfo, PeerPolicy, PublicKey, RefuseReason, Security, Session, SessionConfig,
+    SessionId, StreamImage,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -46,6 +47,36 @@ pub struct EndpointConfig {
     pub forward_capacity: usize,
     /// How long a forwarding pointer is kept after it was recorded. Default 5 minutes.
     pub forward_ttl: Duration,
+    /// This endpoint's static X25519 key pair: presented and proven at every association
+    /// (PROTOCOL.md §5.1), and the key sealed images are opened with
+    /// ([`Endpoint::thaw_sealed`]). Default none.
+    pub identity: Option<Identity>,
+    /// Which peers to associate with. Default [`PeerPolicy::TrustOnFirstUse`]: **the first
+    /// association authenticates nobody** (an active attacker on the path at that moment can
+    /// sit in the middle); later re-associations are bound to its keys. Pin peer keys
+    /// ([`PeerPolicy::Pinned`]) or share a key ([`PeerPolicy::PreShared`]) to authenticate
+    /// peers. The endpoint logs a warning once when it runs trust-on-first-use.
+    pub peer_policy: PeerPolicy,
+    /// **INSECURE — for benchmarks and debugging only.** Send every frame in plaintext, with
+    /// no encryption and no integrity protection: anyone on the path can read and alter the
+    /// stream bytes (re-associations stay authenticated). Both ends must set it; an
+    /// association between a plaintext and an encrypted endpoint is refused
+    /// (`RefuseReason::SecurityMismatch`), and so is thawing an image of the other mode.
+    /// Default `false`.
+    pub insecure_plaintext: bool,
+}
+
+impl EndpointConfig {
+    /// The protection settings this configuration gives the sessions.
+    pub fn security(&self) -> Security {
+        let mut s = Security::new()
+            .with_policy(self.peer_policy.clone())
+            .with_insecure_plaintext(self.insecure_plaintext);
+        if let Some(i) = &self.identity {
+            s = s.with_identity(i.clone());
+        }
+        s
+    }
 }
 
 impl Default for EndpointConfig {
@@ -58,6 +89,9 @@ impl Default for EndpointConfig {
             accept_backlog: 128,
             forward_capacity: ForwardTable::DEFAULT_CAPACITY,
             forward_ttl: ForwardTable::DEFAULT_TTL,
+            identity: None,
+            peer_policy: PeerPolicy::TrustOnFirstUse,
+            insecure_plaintext: false,
         }
     }
 }
@@ -88,6 +122,7 @@ pub(crate) struct EndpointInner {
     /// Where the endpoint listens and who it is; changed only by [`Endpoint::rebind`].
     addrs: Mutex<(SocketAddr, LocalInfo)>,
     pub(crate) config: EndpointConfig,
+    security: Security,
     sessions: Mutex<HashMap<SessionId, SharedRef>>,
     forwards: Mutex<ForwardTable>,
     accept_tx: mpsc::Sender<Stream>,
@@ -187,6 +222,20 @@ impl Endpoint {
     ) -> Result<Endpoint, BindError> {
         let (listener, local_addr) = bind_listener(addr)?;
         let (accept_tx, accept_rx) = mpsc::channel(config.accept_backlog.max(1));
+        if config.insecure_plaintext {
+            tracing::warn!(
+                addr = %local_addr,
+                "roam endpoint runs INSECURE PLAINTEXT: stream bytes are neither encrypted nor \
+                 integrity-protected (benchmarks and debugging only)"
+            );
+        } else if matches!(config.peer_policy, PeerPolicy::TrustOnFirstUse) {
+            tracing::warn!(
+                addr = %local_addr,
+                "roam endpoint trusts peers on first use: the first association with a peer \
+                 authenticates nobody; pin peer keys (EndpointConfig::peer_policy) to \
+                 authenticate them"
+            );
+        }
         let inner = Arc::new(EndpointInner {
             addrs: Mutex::new((
                 local_addr,
@@ -200,6 +249,7 @@ impl Endpoint {
                 config.forward_capacity,
                 config.forward_ttl,
             )),
+            security: config.security(),
             config,
             accept_tx,
             accept_rx: tokio::sync::Mutex::new(accept_rx),
@@ -275,6 +325,12 @@ impl Endpoint {
         self.inner.local().endpoint
     }
 
+    /// The public key of this endpoint's static identity, if configured: what peers pin and
+    /// what images are sealed to ([`crate::SealImage::seal`]).
+    pub fn public_key(&self) -> Option<PublicKey> {
+        self.inner.config.identity.as_ref().map(|i| i.public_key())
+    }
+
     /// Counters.
     pub fn stats(&self) -> EndpointStats {
         let c = &self.inner.counters;
@@ -330,7 +386,8 @@ impl Endpoint {
     async fn connect_inner(&self, addr: SocketAddr) -> Result<Stream, ConnectError> {
         let mut tcp = dial(self.inner.local_addr(), addr).await?;
         tcp.set_nodelay(true)?;
-        let (assoc, hello) = Associating::new(self.inner.local(), &entropy());
+        let (assoc, hello) =
+            Associating::with_security(self.inner.local(), &entropy(), &self.inner.security);
         tcp.write_all(&hello.to_bytes()).await?;
         let mut buf = BytesMut::with_capacity(1024);
         let reply = read_frame(&mut tcp, &mut buf).await?;
@@ -369,6 +426,9 @@ impl Endpoint {
     /// the same byte streams (PROTOCOL.md §6.3). Returns once the peer accepted.
     pub async fn thaw(&self, image: StreamImage) -> Result<Stream, ThawError> {
         let id = image.session_id();
+        if image.is_secure() == self.inner.config.insecure_plaintext {
+            return Err(ThawError::SecurityMismatch);
+        }
         self.inner
             .forwards
             .lock()
@@ -401,6 +461,36 @@ impl Endpoint {
                 )));
             }
         }
+    }
+}
+
+impl Endpoint {
+    /// Open an image sealed for this endpoint's identity ([`crate::SealImage::seal`],
+    /// PROTOCOL.md §7.1) and thaw it. Fails with [`ThawError::Image`] if this endpoint has no
+    /// identity, the image is for another recipient, or it was altered.
+    pub async fn thaw_sealed(&self, bytes: &[u8]) -> Result<Stream, ThawError> {
+        let identity = self
+            .inner
+            .config
+            .identity
+            .as_ref()
+            .ok_or(ThawError::Image(ImageError::NoIdentity))?;
+        let image = StreamImage::open_sealed(bytes, identity).map_err(ThawError::Image)?;
+        self.thaw(image).await
+    }
+}
+
+/// Sealing images for a destination (PROTOCOL.md §7.1).
+pub trait SealImage {
+    /// Encrypt and authenticate this image for the endpoint whose identity's public key is
+    /// `recipient` (its [`Endpoint::public_key`]); only [`Endpoint::thaw_sealed`] there opens
+    /// it. Intercepted or left on disk, the result discloses nothing of the session.
+    fn seal(&self, recipient: &PublicKey) -> Vec<u8>;
+}
+
+impl SealImage for StreamImage {
+    fn seal(&self, recipient: &PublicKey) -> Vec<u8> {
+        self.seal_with(recipient, &entropy())
     }
 }
 
@@ -526,9 +616,12 @@ enum IncomingError {
     Refused(RefuseReason),
     #[error("unexpected first frame")]
     Unexpected,
+    #[error("association not confirmed")]
+    Unconfirmed,
 }
 
 async fn refuse(tcp: &mut TcpStream, r: RefuseReason) -> IncomingError {
+    // The refusal is a handshake frame, in the clear (PROTOCOL.md §3.1).
     let _ = tcp.write_all(&Frame::Refuse(r).to_bytes()).await;
     IncomingError::Refused(r)
 }
@@ -548,7 +641,7 @@ async fn handshake(ep: &Arc<EndpointInner>, mut tcp: TcpStream) -> Result<(), In
             while ep.lookup(&id).is_some() {
                 id = SessionId(rand::random());
             }
-            let (core, welcome) = Session::accept_hello(
+            let accepted = Session::accept_hello_with(
                 Instant::now(),
                 conn,
                 &hello,
@@ -556,9 +649,19 @@ async fn handshake(ep: &Arc<EndpointInner>, mut tcp: TcpStream) -> Result<(), In
                 ep.local(),
                 &entropy(),
                 ep.config.session.clone(),
-            )
-            .map_err(|e| IncomingError::Connect(e.into()))?;
+                &ep.security,
+            );
+            let (mut core, welcome) = match accepted {
+                Ok(x) => x,
+                Err(e) => return Err(refuse(&mut tcp, e.refuse_reason()).await),
+            };
             tcp.write_all(&welcome.to_bytes()).await?;
+            // PROTOCOL.md §5.1: the dialer's key confirmation (it proves the dialer's static
+            // key and pre-shared key, if any) before the stream is handed to the application.
+            let confirm = read_frame(&mut tcp, &mut buf).await?;
+            if core.handle_frame(Instant::now(), conn, confirm).is_err() || !core.is_confirmed() {
+                return Err(IncomingError::Unconfirmed);
+            }
             let stream = start_session(
                 ep,
                 core,

@@ -64,6 +64,13 @@ pub enum ThawError {
     /// The session failed before it could re-associate.
     #[error(transparent)]
     Failed(SessionError),
+    /// The image's security mode (encrypted or insecure plaintext) differs from this
+    /// endpoint's.
+    #[error("image and endpoint differ in security mode (insecure plaintext on one only)")]
+    SecurityMismatch,
+    /// A sealed image could not be opened (no identity here, another recipient, or altered).
+    #[error("sealed image: {0}")]
+    Image(ImageError),
 }
 
 impl From<SessionError> for ThawError {

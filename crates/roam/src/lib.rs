@@ -43,13 +43,13 @@ mod monitor;
 mod stream;
 
 pub use datagram::Datagram;
-pub use endpoint::{Endpoint, EndpointConfig, EndpointStats};
+pub use endpoint::{Endpoint, EndpointConfig, EndpointStats, SealImage};
 pub use error::{AcceptError, BindError, ConnectError, ThawError};
 pub use monitor::{DatagramMonitor, StreamMonitor, StreamStatus};
 pub use roam_proto::{
     DatagramConfig, DatagramError, DatagramEvent, DatagramImage, DatagramStats, EndpointId, Epoch,
-    FreezeError, ImageError, PeerEntry, PeerInfo, RefuseReason, SessionConfig, SessionError,
-    SessionId, SocketId, Stats, StreamImage,
+    FreezeError, Identity, ImageError, PeerEntry, PeerInfo, PeerPolicy, PreSharedKey, PublicKey,
+    RefuseReason, SessionConfig, SessionError, SessionId, SocketId, Stats, StreamImage,
 };
 pub use stream::{ReadHalf, Stream, WriteHalf};
 

@@ -77,6 +77,17 @@ impl Stream {
         lock(&self.shared).core.stats()
     }
 
+    /// The static public key the peer proved at association, if it has an identity.
+    pub fn peer_identity(&self) -> Option<roam_proto::PublicKey> {
+        lock(&self.shared).core.peer_identity()
+    }
+
+    /// Whether the stream's frames are encrypted and authenticated (false only in the
+    /// insecure plaintext mode).
+    pub fn is_secure(&self) -> bool {
+        lock(&self.shared).core.is_secure()
+    }
+
     /// The current epoch (completed re-associations).
     pub fn epoch(&self) -> roam_proto::Epoch {
         lock(&self.shared).core.epoch()

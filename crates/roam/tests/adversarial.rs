@@ -309,6 +309,9 @@ fn hello_bytes() -> Vec<u8> {
         contact: "127.0.0.99:1".parse().unwrap(),
         eph: [9; 32],
         nonce: [3; 16],
+        insecure: false,
+        psk: false,
+        identity: None,
     })
     .to_bytes()
     .to_vec()

@@ -7,6 +7,7 @@
 //! keep a stale or forged re-association out.
 
 mod both_move;
+mod sealed;
 mod util;
 
 use std::time::Duration;

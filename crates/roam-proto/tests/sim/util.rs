@@ -874,9 +874,19 @@ impl World {
         loop {
             match Frame::decode(&mut rx) {
                 Ok(Some(f)) => {
-                    *self.frames_seen.entry(kind(&f)).or_default() += 1;
-                    if !matches!(f, Frame::Ping) {
-                        self.last_activity = self.now;
+                    // Sealed frames are counted by their inner kind once a session opened them.
+                    if !matches!(f, Frame::Sealed(_)) {
+                        let mut k = kind(&f);
+                        if k == "Confirm"
+                            && matches!(self.conns[&c].ends[e].stage, Stage::Established)
+                        {
+                            // The dialer's association confirmation (PROTOCOL.md §5.1).
+                            k = "AssocConfirm";
+                        }
+                        *self.frames_seen.entry(k).or_default() += 1;
+                        if !matches!(f, Frame::Ping) {
+                            self.last_activity = self.now;
+                        }
                     }
                     self.dispatch(c, e, f);
                     if !self.end_open(c, e) {
@@ -1057,7 +1067,22 @@ impl World {
             },
             Stage::Established => {
                 if let Some(s) = self.nodes[node].session.as_mut() {
-                    if let Err(v) = s.handle_frame(now, c, frame) {
+                    let sealed = matches!(frame, Frame::Sealed(_));
+                    let r = match s.open_frame(now, c, frame) {
+                        Ok(Some(opened)) => {
+                            if sealed {
+                                let k = kind(opened.frame());
+                                *self.frames_seen.entry(k).or_default() += 1;
+                                if k != "Ping" {
+                                    self.last_activity = now;
+                                }
+                            }
+                            s.handle_opened(now, c, opened)
+                        }
+                        Ok(None) => Ok(()),
+                        Err(v) => Err(v),
+                    };
+                    if let Err(v) = r {
                         self.nodes[node].violations.push(format!("{c:?}: {v}"));
                         self.close_end(c, e);
                     }
