@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use roam_proto::{
-    Associating, ConnId, EndpointId, Entropy, Frame, Identity, LocalInfo, PeerPolicy,
-    PreSharedKey, Security, Session, SessionConfig, SessionId,
+    Associating, ConnId, EndpointId, Entropy, Frame, Identity, LocalInfo, PeerPolicy, PreSharedKey,
+    Security, Session, SessionConfig, SessionId,
 };
 
 fn local(n: u8) -> LocalInfo {
@@ -89,10 +89,15 @@ pub fn check_handshake(data: &[u8]) -> bool {
     let Ok(mut d) = assoc.handle(now, ConnId(1), w, SessionConfig::default()) else {
         return false;
     };
-    assert_eq!(d.key_fingerprint(), l.key_fingerprint(), "completed with different keys");
+    assert_eq!(
+        d.key_fingerprint(),
+        l.key_fingerprint(),
+        "completed with different keys"
+    );
     let confirm = d.poll_transmit(now).expect("the confirmation");
     let f = Frame::decode_exact(&confirm.to_vec()).expect("a frame");
-    l.handle_frame(now, ConnId(1), f).expect("confirmation accepted");
+    l.handle_frame(now, ConnId(1), f)
+        .expect("confirmation accepted");
     assert!(l.is_confirmed());
     assert_eq!(d.is_secure(), !dsec.insecure_plaintext);
     true
@@ -122,8 +127,12 @@ pub fn check_sealed(data: &[u8]) -> usize {
         .handle(now, ConnId(1), welcome, SessionConfig::default())
         .expect("a genuine welcome");
     let confirm = d.poll_transmit(now).expect("the confirmation");
-    l.handle_frame(now, ConnId(1), Frame::decode_exact(&confirm.to_vec()).unwrap())
-        .expect("confirmation accepted");
+    l.handle_frame(
+        now,
+        ConnId(1),
+        Frame::decode_exact(&confirm.to_vec()).unwrap(),
+    )
+    .expect("confirmation accepted");
     let n = match data {
         [a, b, ..] => usize::from(u16::from_be_bytes([*a, *b])) % 200_000,
         _ => 1000,
@@ -156,6 +165,10 @@ pub fn check_sealed(data: &[u8]) -> usize {
         delivered += k;
     }
     assert!(delivered <= written);
-    assert_eq!(&got[..delivered], &payload[..delivered], "altered bytes delivered");
+    assert_eq!(
+        &got[..delivered],
+        &payload[..delivered],
+        "altered bytes delivered"
+    );
     delivered
 }

@@ -32,9 +32,11 @@
 //! ).unwrap();
 //! let mut dialer = dialing.handle(now, ConnId(1), welcome, SessionConfig::default()).unwrap();
 //! dialer.write(b"hello").unwrap();
-//! let t = dialer.poll_transmit(now).unwrap();
-//! let frame = Frame::decode_exact(&t.to_vec()).unwrap();
-//! listener.handle_frame(now, ConnId(1), frame).unwrap();
+//! // The dialer's key confirmation, then a sealed Data frame (PROTOCOL.md §5.1, §3.1).
+//! while let Some(t) = dialer.poll_transmit(now) {
+//!     let frame = Frame::decode_exact(&t.to_vec()).unwrap();
+//!     listener.handle_frame(now, ConnId(1), frame).unwrap();
+//! }
 //! let mut buf = [0; 5];
 //! assert_eq!(listener.read(&mut buf), Ok(5));
 //! assert_eq!(&buf, b"hello");

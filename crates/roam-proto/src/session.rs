@@ -840,7 +840,11 @@ impl Session {
         let eph = Ephemeral::new(entropy.secret);
         let ee = eph.agree(&hello.eph).map_err(|_| HandshakeError::WeakKey)?;
         let es = match &security.identity {
-            Some(i) => Some(i.key.agree(&hello.eph).map_err(|_| HandshakeError::WeakKey)?),
+            Some(i) => Some(
+                i.key
+                    .agree(&hello.eph)
+                    .map_err(|_| HandshakeError::WeakKey)?,
+            ),
             None => None,
         };
         let se = match &hello.identity {
@@ -1342,10 +1346,7 @@ impl Session {
         aad[1..].copy_from_slice(&(n as u32).to_be_bytes());
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&body[n - TAG_LEN..]);
-        if traffic
-            .open(&aad, &mut body[..n - TAG_LEN], &tag)
-            .is_err()
-        {
+        if traffic.open(&aad, &mut body[..n - TAG_LEN], &tag).is_err() {
             self.stats.auth_failures += 1;
             return Err(ProtocolViolation("sealed frame failed authentication"));
         }

@@ -95,19 +95,21 @@ fn frame() -> impl Strategy<Value = Frame> {
             any::<[u8; 32]>(),
             hello_flags(),
         )
-            .prop_map(|(s, e, contact, eph, nonce, mac, (insecure, psk, identity))| {
-                Frame::Welcome(Welcome {
-                    session: SessionId(s),
-                    endpoint: EndpointId(e),
-                    contact,
-                    eph,
-                    nonce,
-                    insecure,
-                    psk,
-                    identity,
-                    mac,
-                })
-            }),
+            .prop_map(
+                |(s, e, contact, eph, nonce, mac, (insecure, psk, identity))| {
+                    Frame::Welcome(Welcome {
+                        session: SessionId(s),
+                        endpoint: EndpointId(e),
+                        contact,
+                        eph,
+                        nonce,
+                        insecure,
+                        psk,
+                        identity,
+                        mac,
+                    })
+                }
+            ),
         (
             any::<[u8; 16]>(),
             any::<u64>(),
@@ -663,8 +665,12 @@ fn reassociation_below_the_acknowledged_offset_is_refused_not_looped() {
         .handle(now, ConnId(1), welcome, SessionConfig::default())
         .unwrap();
     let confirm = d.poll_transmit(now).unwrap();
-    l.handle_frame(now, ConnId(1), Frame::decode_exact(&confirm.to_vec()).unwrap())
-        .unwrap();
+    l.handle_frame(
+        now,
+        ConnId(1),
+        Frame::decode_exact(&confirm.to_vec()).unwrap(),
+    )
+    .unwrap();
     // The listener sends 100 bytes that are lost with the connection; an injected Ack claims
     // the dialer got 60 of them.
     l.write(&[7; 100]).unwrap();

@@ -221,14 +221,18 @@ async fn replayed_data_frame_is_refused_and_the_stream_survives_byte_exact() {
     let data = random_bytes(7, 4 << 20);
     assert_eq!(transfer(&mut x.s, &mut x.t, &data).await, sha(&data));
     let st = x.t.stats();
-    assert_eq!(st.auth_failures, 1, "the replayed frame failed authentication");
+    assert_eq!(
+        st.auth_failures, 1,
+        "the replayed frame failed authentication"
+    );
     assert!(st.reassociations >= 1);
 }
 
 #[tokio::test]
 async fn dropped_data_frame_is_detected_and_the_stream_survives_byte_exact() {
     let mut x = through_mitm(EndpointConfig::default(), EndpointConfig::default()).await;
-    x.mitm.set_hook(once_on_sealed(Dir::Up, 10, |_| Verdict::Drop));
+    x.mitm
+        .set_hook(once_on_sealed(Dir::Up, 10, |_| Verdict::Drop));
     let data = random_bytes(8, 4 << 20);
     assert_eq!(transfer(&mut x.s, &mut x.t, &data).await, sha(&data));
     // The frame after the dropped one carries the wrong counter: it fails authentication.
@@ -291,6 +295,18 @@ async fn replayed_and_forged_reassociations_are_refused() {
     let image = within("freeze", x.s.freeze()).await.unwrap();
     let c = Endpoint::bind(host(4)).await.unwrap();
     let mut s = within("thaw", c.thaw(image)).await.unwrap();
+    // The thaw returns at the Accept; its Confirm follows on the wire.
+    within("the Confirm", async {
+        while !x
+            .mitm
+            .frames()
+            .iter()
+            .any(|(d, conn, f)| *d == Dir::Up && *conn > 0 && f[0] == kind::CONFIRM)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
     let frames = x.mitm.frames();
     let reassoc = frames
         .iter()
@@ -307,7 +323,11 @@ async fn replayed_and_forged_reassociations_are_refused() {
     let reply = send_raw(x.b.local_addr(), &[&reassoc.1, &confirm])
         .await
         .expect("a reply");
-    assert_eq!(frame_type(&reply), kind::REFUSE, "replayed Reassoc was not refused");
+    assert_eq!(
+        frame_type(&reply),
+        kind::REFUSE,
+        "replayed Reassoc was not refused"
+    );
     assert_eq!(reply[HEADER_LEN], 2, "refused as a stale epoch");
     // Forgery: the session id (in clear in the Reassoc) with a made-up proof, at the current
     // epoch.
@@ -316,7 +336,9 @@ async fn replayed_and_forged_reassociations_are_refused() {
     forged[epoch_at..epoch_at + 8].copy_from_slice(&epoch.0.to_be_bytes());
     let n = forged.len();
     forged[n - 32..].copy_from_slice(&[0x55; 32]);
-    let reply = send_raw(x.b.local_addr(), &[&forged]).await.expect("a reply");
+    let reply = send_raw(x.b.local_addr(), &[&forged])
+        .await
+        .expect("a reply");
     assert_eq!(frame_type(&reply), kind::REFUSE);
     assert_eq!(reply[HEADER_LEN], 3, "refused as a bad proof");
     assert_eq!(x.t.epoch(), epoch, "the session did not move");
@@ -329,9 +351,13 @@ async fn replayed_and_forged_reassociations_are_refused() {
 #[tokio::test]
 async fn stolen_sealed_image_cannot_be_thawed_without_the_destination_key() {
     let mut cfg_c = EndpointConfig::default();
-    cfg_c.identity = Some(Identity::from_secret_bytes(random_bytes(20, 32).try_into().unwrap()));
+    cfg_c.identity = Some(Identity::from_secret_bytes(
+        random_bytes(20, 32).try_into().unwrap(),
+    ));
     let mut cfg_d = EndpointConfig::default();
-    cfg_d.identity = Some(Identity::from_secret_bytes(random_bytes(21, 32).try_into().unwrap()));
+    cfg_d.identity = Some(Identity::from_secret_bytes(
+        random_bytes(21, 32).try_into().unwrap(),
+    ));
     let a = Endpoint::bind(host(2)).await.unwrap();
     let b = Endpoint::bind(host(3)).await.unwrap();
     let mut s = within("connect", a.connect(b.local_addr())).await.unwrap();
@@ -344,11 +370,17 @@ async fn stolen_sealed_image_cannot_be_thawed_without_the_destination_key() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let image = within("freeze", s.freeze()).await.unwrap();
     assert!(image.buffered_input_bytes() > 0);
-    assert!(contains(&image.to_bytes(), &marker()), "the plain image holds the input");
+    assert!(
+        contains(&image.to_bytes(), &marker()),
+        "the plain image holds the input"
+    );
     let c = Endpoint::bind_with(host(4), cfg_c).await.unwrap();
     let d = Endpoint::bind_with(host(5), cfg_d).await.unwrap();
     let sealed = image.seal(&c.public_key().unwrap());
-    assert!(!contains(&sealed, &marker()), "a sealed image discloses nothing");
+    assert!(
+        !contains(&sealed, &marker()),
+        "a sealed image discloses nothing"
+    );
     // The thief: another identity, no identity, a plain decoder, an altered copy.
     assert!(matches!(
         d.thaw_sealed(&sealed).await,
@@ -402,9 +434,9 @@ async fn unpinned_peer_is_refused_and_pinned_peer_is_accepted() {
     assert!(
         matches!(
             r,
-            Err(ConnectError::Handshake(roam::error::HandshakeError::Refused(
-                RefuseReason::Unauthorized
-            )))
+            Err(ConnectError::Handshake(
+                roam::error::HandshakeError::Refused(RefuseReason::Unauthorized)
+            ))
         ),
         "{r:?}"
     );
@@ -434,7 +466,9 @@ async fn unpinned_peer_is_refused_and_pinned_peer_is_accepted() {
     ca3.peer_policy = PeerPolicy::Pinned(vec![ib.public_key()]);
     let b3 = Endpoint::bind_with(host(5), cb3).await.unwrap();
     let a3 = Endpoint::bind_with(host(2), ca3).await.unwrap();
-    let mut s = within("connect", a3.connect(b3.local_addr())).await.unwrap();
+    let mut s = within("connect", a3.connect(b3.local_addr()))
+        .await
+        .unwrap();
     let mut t = within("accept", b3.accept()).await.unwrap();
     assert_eq!(s.peer_identity(), Some(ib.public_key()));
     assert_eq!(t.peer_identity(), Some(ia.public_key()));
@@ -465,7 +499,9 @@ async fn impostor_presenting_a_pinned_key_without_its_secret_is_refused() {
     };
     hello.identity = Some(victim.public_key());
     let mut tcp = TcpStream::connect(b.local_addr()).await.unwrap();
-    tcp.write_all(&Frame::Hello(hello).to_bytes()).await.unwrap();
+    tcp.write_all(&Frame::Hello(hello).to_bytes())
+        .await
+        .unwrap();
     let welcome = within("welcome", read_reply(&mut tcp)).await.unwrap();
     assert_eq!(frame_type(&welcome), kind::WELCOME);
     // It cannot compute k_0 (it lacks the victim's secret): any confirmation is wrong.
@@ -514,14 +550,16 @@ async fn trust_on_first_use_is_the_default_and_pre_shared_keys_must_match() {
     assert!(
         matches!(
             r,
-            Err(ConnectError::Handshake(roam::error::HandshakeError::Refused(
-                RefuseReason::Unauthorized
-            )))
+            Err(ConnectError::Handshake(
+                roam::error::HandshakeError::Refused(RefuseReason::Unauthorized)
+            ))
         ),
         "{r:?}"
     );
     let a2 = Endpoint::bind_with(host(2), psk(1)).await.unwrap();
-    let mut s = within("connect", a2.connect(b1.local_addr())).await.unwrap();
+    let mut s = within("connect", a2.connect(b1.local_addr()))
+        .await
+        .unwrap();
     let mut t = within("accept", b1.accept()).await.unwrap();
     assert_eq!(transfer(&mut s, &mut t, &d).await, sha(&d));
 }
@@ -531,14 +569,16 @@ async fn downgrade_to_insecure_plaintext_is_refused_with_a_typed_error() {
     let mut insecure = EndpointConfig::default();
     insecure.insecure_plaintext = true;
     let b = Endpoint::bind(host(3)).await.unwrap();
-    let a = Endpoint::bind_with(host(2), insecure.clone()).await.unwrap();
+    let a = Endpoint::bind_with(host(2), insecure.clone())
+        .await
+        .unwrap();
     let r = within("connect", a.connect(b.local_addr())).await;
     assert!(
         matches!(
             r,
-            Err(ConnectError::Handshake(roam::error::HandshakeError::Refused(
-                RefuseReason::SecurityMismatch
-            )))
+            Err(ConnectError::Handshake(
+                roam::error::HandshakeError::Refused(RefuseReason::SecurityMismatch)
+            ))
         ),
         "{r:?}"
     );
@@ -562,10 +602,14 @@ async fn downgrade_to_insecure_plaintext_is_refused_with_a_typed_error() {
     assert!(r.is_err(), "a downgraded association must fail: {r:?}");
     // And images of the other mode are refused at thaw.
     let (ai, bi) = (
-        Endpoint::bind_with(host(5), insecure.clone()).await.unwrap(),
+        Endpoint::bind_with(host(5), insecure.clone())
+            .await
+            .unwrap(),
         Endpoint::bind_with(host(6), insecure).await.unwrap(),
     );
-    let s = within("connect", ai.connect(bi.local_addr())).await.unwrap();
+    let s = within("connect", ai.connect(bi.local_addr()))
+        .await
+        .unwrap();
     let _t = within("accept", bi.accept()).await.unwrap();
     let image = within("freeze", s.freeze()).await.unwrap();
     assert!(!image.is_secure());
@@ -636,9 +680,15 @@ async fn flood_of_10000_garbage_connections_leaves_an_established_session_intact
         before / (1 << 20) as f64,
         during / (1 << 20) as f64
     );
-    assert!(ratio > 0.1, "throughput during the flood fell to {ratio:.3} of before");
+    assert!(
+        ratio > 0.1,
+        "throughput during the flood fell to {ratio:.3} of before"
+    );
     let st = s.stats();
-    assert_eq!(st.connections_lost, 0, "the established session never noticed");
+    assert_eq!(
+        st.connections_lost, 0,
+        "the established session never noticed"
+    );
     assert_eq!(t.stats().auth_failures, 0);
     // The endpoint still associates new sessions afterwards.
     let mut s2 = within("connect", a.connect(b.local_addr())).await.unwrap();

@@ -52,7 +52,10 @@ fn pair_with(dsec: &Security, lsec: &Security) -> (Session, Session, Instant) {
         .handle(now, ConnId(1), welcome, SessionConfig::default())
         .expect("welcome verified");
     assert!(!l.is_confirmed());
-    assert!(l.poll_transmit(now).is_none(), "nothing before the confirmation");
+    assert!(
+        l.poll_transmit(now).is_none(),
+        "nothing before the confirmation"
+    );
     // The dialer's first frame is its key confirmation, in the clear.
     let first = d.poll_transmit(now).expect("confirmation");
     let f = Frame::decode_exact(&first.to_vec()).unwrap();
@@ -139,7 +142,10 @@ fn a_flipped_bit_anywhere_in_a_sealed_frame_is_detected_and_nothing_is_delivered
         let r = feed(&mut l, ConnId(1), now, &bytes);
         // A longer length in the clear header only makes the frame look incomplete (the
         // connection then waits, and is dropped at the idle timeout); everything else fails.
-        assert!(r.is_err() || (1..5).contains(&pos), "flip at {pos} went unnoticed");
+        assert!(
+            r.is_err() || (1..5).contains(&pos),
+            "flip at {pos} went unnoticed"
+        );
         let mut buf = [0u8; 64];
         assert!(l.read(&mut buf).is_err(), "flip at {pos}: bytes delivered");
         if pos >= 5 {
@@ -325,5 +331,9 @@ fn encrypted_sessions_migrate_and_reconnect_on_the_simulated_network() {
     f.assert_delivered();
     assert!(w.sr(b).epoch().0 >= 2);
     assert_eq!(w.sr(b).stats().auth_failures, 0);
-    assert_eq!(w.seen("Sealed"), 0, "the sim sees frames after the session opened them");
+    assert_eq!(
+        w.seen("Sealed"),
+        0,
+        "the sim sees frames after the session opened them"
+    );
 }
