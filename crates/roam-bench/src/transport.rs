@@ -2,9 +2,9 @@
 //! TCP, a quinn stream). Each gives a connected pair of byte streams from 127.0.0.2 to
 //! 127.0.0.3, boxed behind one type so every benchmark loop treats them alike.
 //!
-//! roam has no encryption yet (a separate issue). When it has, add a `RoamEncrypted` variant
-//! here, build its pair in [`Transport::pair`], and list `(RoamEncrypted, Tls)` in the
-//! comparisons of [`crate::throughput`]: the table then gains an "encrypted roam vs TLS" row.
+//! roam comes in two variants: [`Transport::RoamEncrypted`] (the default configuration:
+//! ChaCha20-Poly1305 on every frame), compared with TLS and quinn, and [`Transport::Roam`]
+//! (`EndpointConfig::insecure_plaintext`), compared with raw TCP.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -40,8 +40,10 @@ pub(crate) struct Pair {
 /// A transport under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Transport {
-    /// One roam stream (plaintext: roam has no encryption yet).
+    /// One roam stream in the insecure plaintext mode (`EndpointConfig::insecure_plaintext`).
     Roam,
+    /// One roam stream in the default, encrypted mode (ChaCha20-Poly1305 sealed frames).
+    RoamEncrypted,
     /// A raw tokio `TcpStream`, nodelay on both ends.
     RawTcp,
     /// TLS 1.3 over a nodelay `TcpStream` (tokio-rustls, ring provider, self-signed certificate).
@@ -56,6 +58,7 @@ impl Transport {
     pub(crate) fn short(self) -> &'static str {
         match self {
             Transport::Roam => "roam",
+            Transport::RoamEncrypted => "encrypted roam",
             Transport::RawTcp => "raw TCP",
             Transport::Tls => "TLS 1.3/TCP",
             Transport::Quinn => "quinn",
@@ -65,7 +68,8 @@ impl Transport {
     /// The full description used in a benchmark's baseline list.
     pub(crate) fn describe(self) -> &'static str {
         match self {
-            Transport::Roam => "roam stream (plaintext)",
+            Transport::Roam => "roam stream (insecure plaintext mode)",
+            Transport::RoamEncrypted => "encrypted roam = roam stream, default configuration (ChaCha20-Poly1305)",
             Transport::RawTcp => "raw TCP = tokio TcpStream, nodelay",
             Transport::Tls => "TLS 1.3/TCP = tokio-rustls over nodelay TcpStream, ring, rustls' default TLS 1.3 suites",
             Transport::Quinn => "quinn = one stream of a quinn 0.11 connection, ring, default transport config",
@@ -75,9 +79,11 @@ impl Transport {
     /// A fresh connected pair.
     pub(crate) async fn pair(self, crypto: &Crypto) -> Result<Pair, BoxError> {
         match self {
-            Transport::Roam => {
-                let a = roam::Endpoint::bind(host(2)).await?;
-                let b = roam::Endpoint::bind(host(3)).await?;
+            Transport::Roam | Transport::RoamEncrypted => {
+                let mut config = roam::EndpointConfig::default();
+                config.insecure_plaintext = self == Transport::Roam;
+                let a = roam::Endpoint::bind_with(host(2), config.clone()).await?;
+                let b = roam::Endpoint::bind_with(host(3), config).await?;
                 let (s, t) = within(SETUP, "roam connect", async {
                     let (s, t) = tokio::join!(a.connect(b.local_addr()), b.accept());
                     Ok::<_, BoxError>((s?, t?))

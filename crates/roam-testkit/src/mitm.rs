@@ -55,6 +55,9 @@ pub enum Verdict {
 /// The hook deciding each frame's fate.
 pub type Hook = Arc<dyn Fn(&FrameEvent<'_>) -> Verdict + Send + Sync>;
 
+/// Where injected bytes for one direction of one connection go.
+type Injector = mpsc::UnboundedSender<Vec<u8>>;
+
 #[derive(Default)]
 struct Captured {
     up: Vec<u8>,
@@ -66,7 +69,7 @@ struct Shared {
     target: Mutex<Option<SocketAddr>>,
     hook: Mutex<Option<Hook>>,
     captured: Mutex<Captured>,
-    injectors: Mutex<HashMap<(u64, Dir), mpsc::UnboundedSender<Vec<u8>>>>,
+    injectors: Mutex<HashMap<(u64, Dir), Injector>>,
     next_conn: AtomicU64,
     stop: watch::Sender<bool>,
 }
