@@ -224,7 +224,11 @@ impl HostShared {
         if let Some(e) = aux.as_ref() {
             return Ok(e.clone());
         }
-        let e = Endpoint::bind(SocketAddr::new(self.addr.ip(), 0)).await?;
+        let e = Endpoint::bind_with(
+            SocketAddr::new(self.addr.ip(), 0),
+            endpoint_config(&self.config.key),
+        )
+        .await?;
         *aux = Some(e.clone());
         Ok(e)
     }
@@ -279,6 +283,20 @@ impl std::fmt::Debug for Host {
     }
 }
 
+/// The endpoint of a daemon: agents' sessions are authenticated by a pre-shared key derived
+/// from the deployment key (PROTOCOL.md §11.1), so only daemons of the deployment (and their
+/// agents) can associate, and nothing is trust-on-first-use.
+pub fn endpoint_config(deployment_key: &[u8; 32]) -> roam::EndpointConfig {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"roam/v1/host endpoint pre-shared key\0");
+    h.update(deployment_key);
+    let mut config = roam::EndpointConfig::default();
+    config.peer_policy =
+        roam::proto::PeerPolicy::PreShared(roam::proto::PreSharedKey(h.finalize().into()));
+    config
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -297,7 +315,7 @@ fn new_agent_id() -> String {
 impl Host {
     /// Bind the daemon's address and start serving.
     pub async fn start(config: HostConfig) -> Result<Host, HostError> {
-        let endpoint = Endpoint::bind(config.listen)
+        let endpoint = Endpoint::bind_with(config.listen, endpoint_config(&config.key))
             .await
             .map_err(|source| HostError::Bind {
                 addr: config.listen,
@@ -865,10 +883,22 @@ fn channel_error(to: SocketAddr, e: ChannelError) -> ApiError {
 async fn open_channel(sh: &HostShared, to: SocketAddr) -> Result<Channel, ApiError> {
     let step = sh.config.step_timeout;
     let fut = async {
-        let mut stream =
-            sh.endpoint.connect(to).await.map_err(|e| {
-                ApiError::new("unreachable", format!("cannot reach host {to}: {e}"))
-            })?;
+        let mut stream = sh.endpoint.connect(to).await.map_err(|e| match &e {
+            roam::ConnectError::Handshake(h)
+                if matches!(
+                    h.refuse_reason(),
+                    roam::RefuseReason::Unauthorized | roam::RefuseReason::BadProof
+                ) =>
+            {
+                ApiError::new(
+                    "auth",
+                    format!(
+                        "{to} is not a daemon of this deployment (its key differs): refused ({e})"
+                    ),
+                )
+            }
+            _ => ApiError::new("unreachable", format!("cannot reach host {to}: {e}")),
+        })?;
         wire::write_preamble(&mut stream, wire::HOST_SERVICE)
             .await
             .map_err(|e| ApiError::new("unreachable", format!("{to}: {e}")))?;

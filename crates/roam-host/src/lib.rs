@@ -24,5 +24,5 @@ pub mod tunnel;
 mod wire;
 
 pub use agent::{Agent, AgentError, Context, MigrationSignal, Registry, Step};
-pub use host::{CrashPoint, Host, HostConfig, HostError};
+pub use host::{endpoint_config, CrashPoint, Host, HostConfig, HostError};
 pub use wire::ChannelError;

@@ -102,9 +102,19 @@ async fn garbage_at_a_daemons_address_changes_nothing() {
     let key = [3u8; 32];
     let a = host("127.0.0.86", key).await;
     let b = host("127.0.0.87", key).await;
-    let probe = roam::Endpoint::bind("127.0.0.88:0".parse().unwrap())
+    // An endpoint outside the deployment cannot even associate with a daemon.
+    let stranger = roam::Endpoint::bind("127.0.0.88:0".parse().unwrap())
         .await
         .unwrap();
+    let refused = stranger.connect(a.addr()).await.unwrap_err();
+    assert!(refused.to_string().contains("not accepted"), "{refused}");
+    // One of the deployment gets to the preamble, where garbage is dropped.
+    let probe = roam::Endpoint::bind_with(
+        "127.0.0.88:0".parse().unwrap(),
+        roam_host::endpoint_config(&key),
+    )
+    .await
+    .unwrap();
 
     // Raw TCP garbage, a roam stream with a bad preamble, an unknown service, and a daemon
     // channel whose Noise handshake is garbage.
