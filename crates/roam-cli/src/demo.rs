@@ -413,7 +413,7 @@ pub async fn run(args: DemoArgs) -> Result<bool, BoxError> {
     );
     for (name, r) in &reports {
         say!(
-            "{:<30} {:>9} {:>7.2} ms {:>7.2} ms {:>7.2} ms {:>7.2} ms {:>7.2} ms",
+            "{:<36} {:>9} {:>7.2} ms {:>7.2} ms {:>7.2} ms {:>7.2} ms {:>7.2} ms",
             format!("{name} → {}", r.to.ip()),
             r.bytes,
             r.freeze_us as f64 / 1e3,
