@@ -402,7 +402,7 @@ pub async fn run(args: DemoArgs) -> Result<bool, BoxError> {
 
     say!("");
     say!(
-        "{:<30} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "{:<36} {:>9} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "migration",
         "bytes",
         "freeze",
