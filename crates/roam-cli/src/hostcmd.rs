@@ -126,7 +126,7 @@ impl From<ClientError> for Failure {
     }
 }
 
-fn read_key(path: &Path, create: bool) -> Result<[u8; 32], Failure> {
+pub fn read_key(path: &Path, create: bool) -> Result<[u8; 32], Failure> {
     if !path.exists() && create {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)

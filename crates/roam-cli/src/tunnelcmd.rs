@@ -41,6 +41,23 @@ pub struct TunnelCommon {
     /// them (and saying which).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub drain: Duration,
+    /// A file with a 32-byte pre-shared key (64 hex digits) both tunnel ends hold: only the
+    /// other end is accepted. Without it the first association is trust-on-first-use.
+    #[arg(long, value_name = "FILE")]
+    pub psk_file: Option<PathBuf>,
+}
+
+impl TunnelCommon {
+    fn psk(&self) -> Result<Option<[u8; 32]>, Failure> {
+        let Some(path) = &self.psk_file else {
+            eprintln!(
+                "roam tunnel: no --psk-file: the tunnel ends authenticate nobody at first contact (trust on first use); \
+                 traffic is encrypted and every reconnection is bound to that first association"
+            );
+            return Ok(None);
+        };
+        crate::hostcmd::read_key(path, false).map(Some)
+    }
 }
 
 impl TunnelCommon {
@@ -136,7 +153,7 @@ pub async fn run(args: TunnelArgs) -> Result<(), Failure> {
 
 async fn listen(a: ListenArgs) -> Result<(), Failure> {
     let bind = a.bind.unwrap_or(SocketAddr::new(a.local.ip(), 0));
-    let client = TunnelClient::start(a.local, a.to_peer, bind)
+    let client = TunnelClient::start(a.local, a.to_peer, bind, a.common.psk()?)
         .await
         .map_err(|e| Failure(e.to_string()))?;
     let path = tunnel::control_path(&a.common.state(), client.local_addr());
@@ -161,7 +178,7 @@ async fn listen(a: ListenArgs) -> Result<(), Failure> {
 }
 
 async fn serve(a: ServeArgs) -> Result<(), Failure> {
-    let server = TunnelServer::start(a.listen, a.forward, a.advertise)
+    let server = TunnelServer::start(a.listen, a.forward, a.advertise, a.common.psk()?)
         .await
         .map_err(|e| Failure(e.to_string()))?;
     let path = tunnel::control_path(&a.common.state(), server.local_addr());

@@ -318,6 +318,10 @@ fn psql_session_survives_the_client_end_changing_its_address() {
     wait_listening(&format!("127.0.0.1:{pg_port}"));
 
     let state = tempfile::tempdir().unwrap();
+    // This tunnel's ends authenticate each other with a pre-shared key.
+    let psk = state.path().join("tunnel.key");
+    std::fs::write(&psk, format!("{}\n", "5a".repeat(32))).unwrap();
+    let psk = psk.to_str().unwrap().to_owned();
     let serve = format!("127.0.0.46:{}", free_port("127.0.0.46"));
     tunnel(
         &mut procs,
@@ -328,7 +332,29 @@ fn psql_session_survives_the_client_end_changing_its_address() {
             &serve,
             "--forward",
             &format!("127.0.0.1:{pg_port}"),
+            "--psk-file",
+            &psk,
         ],
+    );
+    // A client end without the key is refused at its start-up probe.
+    let stranger = Command::new(ROAM)
+        .args([
+            "tunnel",
+            "listen",
+            "--local",
+            "127.0.0.45:0",
+            "--to-peer",
+            &serve,
+            "--state-dir",
+        ])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    assert!(!stranger.status.success());
+    assert!(
+        String::from_utf8_lossy(&stranger.stderr).contains("not accepted"),
+        "{}",
+        String::from_utf8_lossy(&stranger.stderr)
     );
     let local = format!("127.0.0.45:{}", free_port("127.0.0.45"));
     tunnel(
@@ -342,6 +368,8 @@ fn psql_session_survives_the_client_end_changing_its_address() {
             &serve,
             "--bind",
             "127.0.0.47:0",
+            "--psk-file",
+            &psk,
         ],
     );
     let (host, port) = local.split_once(':').unwrap();

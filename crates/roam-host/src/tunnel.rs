@@ -184,6 +184,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+fn endpoint_config(psk: Option<[u8; 32]>) -> EndpointConfig {
+    let mut config = EndpointConfig::default();
+    if let Some(k) = psk {
+        config.peer_policy = roam::PeerPolicy::PreShared(roam::PreSharedKey(k));
+    }
+    config
+}
+
 /// Copy both ways between a local TCP connection and a roam stream until both directions
 /// ended; each end-of-stream is passed on as a half-close.
 async fn splice(tcp: TcpStream, stream: &mut Stream) -> std::io::Result<(u64, u64)> {
@@ -212,10 +220,13 @@ impl std::fmt::Debug for TunnelClient {
 impl TunnelClient {
     /// Bind `local` for programs, bind a roam endpoint at `bind` (port 0: any), and check that
     /// the peer tunnel at `to` answers and its server accepts connections.
+    /// With `psk`, only a server end holding the same key is accepted (and it accepts only
+    /// us); without, the first association is trust-on-first-use (PROTOCOL.md §5.1).
     pub async fn start(
         local: SocketAddr,
         to: SocketAddr,
         bind: SocketAddr,
+        psk: Option<[u8; 32]>,
     ) -> Result<Arc<TunnelClient>, TunnelError> {
         let listener = TcpListener::bind(local)
             .await
@@ -224,10 +235,12 @@ impl TunnelClient {
                 reason: e.to_string(),
             })?;
         let listen = listener.local_addr().unwrap_or(local);
-        let endpoint = Endpoint::bind(bind).await.map_err(|e| TunnelError::Bind {
-            addr: bind,
-            reason: e.to_string(),
-        })?;
+        let endpoint = Endpoint::bind_with(bind, endpoint_config(psk))
+            .await
+            .map_err(|e| TunnelError::Bind {
+                addr: bind,
+                reason: e.to_string(),
+            })?;
         let down = |reason: String| TunnelError::PeerDown { addr: to, reason };
         let mut probe = tokio::time::timeout(HEADER_TIMEOUT, endpoint.connect(to))
             .await
@@ -392,10 +405,12 @@ impl std::fmt::Debug for TunnelServer {
 impl TunnelServer {
     /// Check the server at `forward` accepts a connection, then listen at `listen`.
     /// `advertise`: the address clients should redial (a relay in front of this end).
+    /// `psk`: as for [`TunnelClient::start`].
     pub async fn start(
         listen: SocketAddr,
         forward: SocketAddr,
         advertise: Option<SocketAddr>,
+        psk: Option<[u8; 32]>,
     ) -> Result<Arc<TunnelServer>, TunnelError> {
         match tokio::time::timeout(HEADER_TIMEOUT, TcpStream::connect(forward)).await {
             Ok(Ok(_)) => {}
@@ -412,7 +427,7 @@ impl TunnelServer {
                 })
             }
         }
-        let mut config = EndpointConfig::default();
+        let mut config = endpoint_config(psk);
         config.contact = advertise;
         let endpoint =
             Endpoint::bind_with(listen, config)
