@@ -2,75 +2,68 @@
 //! ChaCha20-Poly1305 keys derived from the association key, nonces from a per-direction packet
 //! counter carried in the packet, and the sliding window of counters received.
 //!
-//! The primitives are RustCrypto's (`chacha20poly1305`, `hkdf`, `sha2`); this file only names
-//! the labels and the layout.
+//! The primitives are `ring`'s ChaCha20-Poly1305 ([`AeadKey`]) and RustCrypto's `hkdf` and
+//! `sha2`; this file only names the labels and the layout.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
 use hkdf::Hkdf;
 use sha2::Sha256;
 
-use crate::crypto::SessionKey;
+pub(crate) use crate::crypto::TAG_LEN;
+use crate::crypto::{AeadKey, SessionKey};
 use crate::types::SocketId;
 
-/// Length of a Poly1305 tag.
-pub(crate) const TAG_LEN: usize = 16;
+/// Packets are sealed into slices of one block of this size (a new block when the rest is too
+/// small), so sending allocates once per block rather than once per packet.
+const SEAL_BLOCK: usize = 64 * 1024;
 
 const LABEL_DATA_KEY: &[u8] = b"roam/v1/dgram-data";
 
 /// The key `sender` encrypts its `Data` packets with on an association keyed `key`:
 /// `HKDF-SHA256(salt = "roam/v1/dgram-data", ikm = key, info = "roam/v1/dgram-data" | sender)`.
 /// The two ends' socket ids differ, so the two directions have different keys.
-pub(crate) fn data_cipher(key: &SessionKey, sender: SocketId) -> ChaCha20Poly1305 {
+pub(crate) fn data_cipher(key: &SessionKey, sender: SocketId) -> AeadKey {
     let hk = Hkdf::<Sha256>::new(Some(LABEL_DATA_KEY), &key.0);
     let mut okm = [0u8; 32];
     // 32 bytes is far below HKDF-SHA256's 255*32 limit, so expand cannot fail.
     hk.expand_multi_info(&[LABEL_DATA_KEY, &sender.0], &mut okm)
         .expect("32-byte HKDF output");
-    ChaCha20Poly1305::new(Key::from_slice(&okm))
+    AeadKey::new(&okm)
 }
 
-/// The 96-bit nonce of packet number `counter`: four zero bytes, then the counter big-endian.
-fn nonce(counter: u64) -> Nonce {
-    let mut n = [0u8; 12];
-    n[4..].copy_from_slice(&counter.to_be_bytes());
-    *Nonce::from_slice(&n)
-}
-
-/// `header | ChaCha20-Poly1305(payload) | tag`, the header being the associated data.
+/// `header | ChaCha20-Poly1305(payload) | tag`, the header being the associated data and the
+/// nonce four zero bytes then `counter` big-endian. The packet is cut from `block`.
 pub(crate) fn seal(
-    cipher: &ChaCha20Poly1305,
+    cipher: &AeadKey,
     counter: u64,
     header: &[u8],
     payload: &[u8],
+    block: &mut BytesMut,
 ) -> Bytes {
-    let mut b = BytesMut::with_capacity(header.len() + payload.len() + TAG_LEN);
-    b.put_slice(header);
-    b.put_slice(payload);
-    let (head, body) = b.split_at_mut(header.len());
-    // Encryption fails only for messages above ChaCha20's 256 GiB limit; datagrams are < 64 KiB.
-    let tag = cipher
-        .encrypt_in_place_detached(&nonce(counter), head, body)
-        .expect("a datagram is far below the ChaCha20 limit");
-    b.put_slice(&tag);
-    b.freeze()
+    let len = header.len() + payload.len() + TAG_LEN;
+    if block.capacity() < len {
+        // Reuses the block's allocation if every packet cut from it is gone.
+        block.reserve(len.max(SEAL_BLOCK));
+    }
+    block.put_slice(header);
+    block.put_slice(payload);
+    let tag = cipher.seal(counter, header, &mut block[header.len()..]);
+    block.put_slice(&tag);
+    block.split().freeze()
 }
 
 /// The payload of `sealed` (ciphertext and tag) if it authenticates under `cipher`, `counter`
-/// and `header`; `None` if anything was altered.
-pub(crate) fn open(
-    cipher: &ChaCha20Poly1305,
-    counter: u64,
-    header: &[u8],
-    sealed: &[u8],
-) -> Option<Bytes> {
+/// and `header`; `None` if anything was altered. Decrypts in place when `sealed` is the only
+/// reference to its bytes (as a received packet is), else in a copy.
+pub(crate) fn open(cipher: &AeadKey, counter: u64, header: &[u8], sealed: Bytes) -> Option<Bytes> {
     let split = sealed.len().checked_sub(TAG_LEN)?;
-    let (ct, tag) = sealed.split_at(split);
-    let mut buf = BytesMut::from(ct);
-    cipher
-        .decrypt_in_place_detached(&nonce(counter), header, &mut buf, Tag::from_slice(tag))
-        .ok()?;
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(&sealed[split..]);
+    let mut buf = sealed
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+    buf.truncate(split);
+    cipher.open(counter, header, &mut buf, &tag).ok()?;
     Some(buf.freeze())
 }
 
@@ -147,23 +140,40 @@ mod tests {
         let (a, b) = (SocketId([1; 16]), SocketId([2; 16]));
         let tx = data_cipher(&k, a);
         let header = [0x42, 1, 2, 3];
-        let p = seal(&tx, 5, &header, b"secret payload");
+        let mut block = BytesMut::new();
+        let p = seal(&tx, 5, &header, b"secret payload", &mut block);
         assert!(!p.windows(6).any(|w| w == b"secret"), "not in clear");
-        let sealed = &p[header.len()..];
+        let sealed = p.slice(header.len()..);
         assert_eq!(
-            open(&data_cipher(&k, a), 5, &header, sealed).as_deref(),
+            open(&data_cipher(&k, a), 5, &header, sealed.clone()).as_deref(),
+            Some(&b"secret payload"[..])
+        );
+        // A uniquely owned packet is opened in place.
+        let unique = Bytes::from(sealed.to_vec());
+        assert_eq!(
+            open(&tx, 5, &header, unique).as_deref(),
             Some(&b"secret payload"[..])
         );
         // The other direction's key, another counter, another header, a flipped bit: refused.
-        assert!(open(&data_cipher(&k, b), 5, &header, sealed).is_none());
-        assert!(open(&tx, 6, &header, sealed).is_none());
-        assert!(open(&tx, 5, &[0x42, 1, 2, 4], sealed).is_none());
+        assert!(open(&data_cipher(&k, b), 5, &header, sealed.clone()).is_none());
+        assert!(open(&tx, 6, &header, sealed.clone()).is_none());
+        assert!(open(&tx, 5, &[0x42, 1, 2, 4], sealed.clone()).is_none());
         for i in 0..sealed.len() {
             let mut v = sealed.to_vec();
             v[i] ^= 1;
-            assert!(open(&tx, 5, &header, &v).is_none());
+            assert!(open(&tx, 5, &header, v.into()).is_none());
         }
-        assert!(open(&tx, 5, &header, &sealed[..TAG_LEN - 1]).is_none());
+        assert!(open(&tx, 5, &header, sealed.slice(..TAG_LEN - 1)).is_none());
+        // Packets cut from one block stay intact while later ones are sealed.
+        let q = seal(&tx, 6, &header, b"second", &mut block);
+        assert_eq!(
+            open(&tx, 6, &header, q.slice(header.len()..)).as_deref(),
+            Some(&b"second"[..])
+        );
+        assert_eq!(
+            open(&tx, 5, &header, p.slice(header.len()..)).as_deref(),
+            Some(&b"secret payload"[..])
+        );
     }
 
     #[test]

@@ -1,15 +1,15 @@
 //! Key agreement and proofs of key possession (PROTOCOL.md §5).
 //!
 //! X25519 for key agreement, HKDF-SHA256 for key derivation, HMAC-SHA256 for proofs,
-//! ChaCha20-Poly1305 for frame and image encryption (PROTOCOL.md §3.1, §7.1). All from the
-//! RustCrypto / dalek crates; nothing here is hand-rolled beyond the labels and the layout.
+//! ChaCha20-Poly1305 (RFC 8439) for frame and image encryption (PROTOCOL.md §3.1, §7.1). The
+//! AEAD is `ring`'s (assembly with SIMD); the rest is from the RustCrypto / dalek crates.
+//! Nothing here is hand-rolled beyond the labels and the layout.
 
 use std::fmt;
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
 use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -18,6 +18,58 @@ use crate::types::Epoch;
 
 /// Size of a ChaCha20-Poly1305 tag.
 pub(crate) const TAG_LEN: usize = 16;
+
+/// A ChaCha20-Poly1305 key (RFC 8439) with explicit 96-bit nonces `0u32 || counter u64`
+/// (big-endian). The caller guarantees that a counter is never used twice under one key.
+pub(crate) struct AeadKey(LessSafeKey);
+
+impl AeadKey {
+    pub(crate) fn new(key: &[u8; 32]) -> AeadKey {
+        // A 32-byte key is exactly what CHACHA20_POLY1305 takes, so this cannot fail.
+        let k = UnboundKey::new(&CHACHA20_POLY1305, key).expect("32-byte ChaCha20 key");
+        AeadKey(LessSafeKey::new(k))
+    }
+
+    fn nonce(counter: u64) -> Nonce {
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&counter.to_be_bytes());
+        Nonce::assume_unique_for_key(n)
+    }
+
+    /// Encrypt `buf` in place under nonce `counter`, authenticating `aad`; the tag.
+    pub(crate) fn seal(&self, counter: u64, aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
+        // ring refuses only plaintexts beyond ChaCha20's 256 GiB per-nonce limit; every caller
+        // seals less than MAX_FRAME_BODY (or an image, or a datagram).
+        let tag = self
+            .0
+            .seal_in_place_separate_tag(Self::nonce(counter), Aad::from(aad), buf)
+            .expect("plaintext far below the ChaCha20 limit");
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(tag.as_ref());
+        t
+    }
+
+    /// Decrypt `buf` in place under nonce `counter`; fails, leaving `buf` unspecified, unless
+    /// `tag` authenticates `aad` and the ciphertext.
+    pub(crate) fn open(
+        &self,
+        counter: u64,
+        aad: &[u8],
+        buf: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<(), AuthFailed> {
+        self.0
+            .open_in_place_separate_tag(
+                Self::nonce(counter),
+                Aad::from(aad),
+                Tag::from(*tag),
+                buf,
+                0..,
+            )
+            .map(|_| ())
+            .map_err(|_| AuthFailed)
+    }
+}
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -116,8 +168,8 @@ pub(crate) fn initial_key(ikm: &[&[u8]], hello: &[u8], welcome_signed: &[u8]) ->
 /// One connection's frame protection (PROTOCOL.md §3.1): a ChaCha20-Poly1305 key per direction,
 /// derived from the epoch's session key, and a frame counter per direction as the nonce.
 pub(crate) struct Traffic {
-    tx: ChaCha20Poly1305,
-    rx: ChaCha20Poly1305,
+    tx: AeadKey,
+    rx: AeadKey,
     tx_count: u64,
     rx_count: u64,
 }
@@ -130,12 +182,6 @@ pub(crate) struct CounterExhausted;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct AuthFailed;
 
-fn nonce(count: u64) -> Nonce {
-    let mut n = [0u8; 12];
-    n[4..].copy_from_slice(&count.to_be_bytes());
-    Nonce::from(n)
-}
-
 impl Traffic {
     /// The keys of the connection installed at `epoch` under `key`; `dialer` is whether this
     /// side opened that connection.
@@ -145,8 +191,8 @@ impl Traffic {
         let l2d = expand(&key.0, &salt, b"roam/v1/traffic listener to dialer");
         let (tx, rx) = if dialer { (d2l, l2d) } else { (l2d, d2l) };
         Traffic {
-            tx: ChaCha20Poly1305::new(Key::from_slice(&tx.0)),
-            rx: ChaCha20Poly1305::new(Key::from_slice(&rx.0)),
+            tx: AeadKey::new(&tx.0),
+            rx: AeadKey::new(&rx.0),
             tx_count: 0,
             rx_count: 0,
         }
@@ -160,13 +206,7 @@ impl Traffic {
     ) -> Result<[u8; TAG_LEN], CounterExhausted> {
         let n = self.tx_count;
         self.tx_count = n.checked_add(1).ok_or(CounterExhausted)?;
-        // Encryption fails only for plaintexts beyond ChaCha20's 256 GiB limit; frames are
-        // bounded by MAX_FRAME_BODY.
-        let tag = self
-            .tx
-            .encrypt_in_place_detached(&nonce(n), aad, buf)
-            .map_err(|_| CounterExhausted)?;
-        Ok(tag.into())
+        Ok(self.tx.seal(n, aad, buf))
     }
 
     /// Decrypt `buf` in place under the next receive counter; fails (leaving the counter
@@ -179,9 +219,7 @@ impl Traffic {
     ) -> Result<(), AuthFailed> {
         let n = self.rx_count;
         let next = n.checked_add(1).ok_or(AuthFailed)?;
-        self.rx
-            .decrypt_in_place_detached(&nonce(n), aad, buf, Tag::from_slice(tag))
-            .map_err(|_| AuthFailed)?;
+        self.rx.open(n, aad, buf, tag)?;
         self.rx_count = next;
         Ok(())
     }
@@ -193,10 +231,10 @@ impl Traffic {
 }
 
 /// The single-use key of a sealed image (PROTOCOL.md §7.1).
-fn seal_key(shared: &[u8; 32], eph: &[u8; 32], recipient: &[u8; 32]) -> ChaCha20Poly1305 {
+fn seal_key(shared: &[u8; 32], eph: &[u8; 32], recipient: &[u8; 32]) -> AeadKey {
     let th = transcript_hash(&[b"roam/v1/seal", eph, recipient]);
     let k = expand(b"roam/v1/seal", shared, &th);
-    ChaCha20Poly1305::new(Key::from_slice(&k.0))
+    AeadKey::new(&k.0)
 }
 
 /// Encrypt `buf` in place for `recipient` with the ephemeral secret `eph` (whose public half is
@@ -209,10 +247,7 @@ pub(crate) fn seal_for(
 ) -> Option<[u8; TAG_LEN]> {
     let e = Ephemeral::new(eph);
     let shared = e.agree(recipient).ok()?;
-    let tag = seal_key(&shared, &e.public, recipient)
-        .encrypt_in_place_detached(&nonce(0), aad, buf)
-        .ok()?;
-    Some(tag.into())
+    Some(seal_key(&shared, &e.public, recipient).seal(0, aad, buf))
 }
 
 /// Decrypt a buffer sealed by [`seal_for`] with the recipient's static key.
@@ -224,9 +259,7 @@ pub(crate) fn open_sealed(
     tag: &[u8; TAG_LEN],
 ) -> Result<(), AuthFailed> {
     let shared = me.agree(eph_public).map_err(|_| AuthFailed)?;
-    seal_key(&shared, eph_public, &me.public)
-        .decrypt_in_place_detached(&nonce(0), aad, buf, Tag::from_slice(tag))
-        .map_err(|_| AuthFailed)
+    seal_key(&shared, eph_public, &me.public).open(0, aad, buf, tag)
 }
 
 /// An association key for datagram sockets (PROTOCOL.md §10.2), and the 64-bit association id

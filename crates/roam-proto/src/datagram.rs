@@ -17,10 +17,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use chacha20poly1305::ChaCha20Poly1305;
-
 use crate::aead::{self, ReplayWindow, TAG_LEN, WINDOW_WORDS};
 use crate::codec::{DecodeError, Reader, WriteExt};
+use crate::crypto::AeadKey;
 use crate::crypto::{self, Ephemeral, SessionKey};
 use crate::frame::{FrameError, MAC_LEN, MAGIC, VERSION};
 use crate::types::SocketId;
@@ -645,10 +644,10 @@ struct Assoc {
     peer: SocketId,
     key: SessionKey,
     /// Our direction's cipher and next packet counter.
-    tx: ChaCha20Poly1305,
+    tx: AeadKey,
     tx_counter: u64,
     /// The peer's direction's cipher and the counters received from it.
-    rx: ChaCha20Poly1305,
+    rx: AeadKey,
     window: ReplayWindow,
     /// False for an association we answered until the peer sent an authenticated packet
     /// (half-open).
@@ -698,8 +697,8 @@ impl Assoc {
     }
 
     /// The next `Data` packet carrying `payload` (`PlainData` if `plaintext`), numbered with
-    /// the next counter of our direction.
-    fn data_packet(&mut self, payload: &[u8], plaintext: bool) -> Bytes {
+    /// the next counter of our direction, cut from `block`.
+    fn data_packet(&mut self, payload: &[u8], plaintext: bool, block: &mut BytesMut) -> Bytes {
         let counter = self.tx_counter;
         self.tx_counter += 1;
         if plaintext {
@@ -709,7 +708,7 @@ impl Assoc {
             b.freeze()
         } else {
             let header = data_header(dkind::DATA, self.id, counter);
-            aead::seal(&self.tx, counter, &header, payload)
+            aead::seal(&self.tx, counter, &header, payload, block)
         }
     }
 }
@@ -805,6 +804,8 @@ pub struct DatagramSocket {
     hello_tokens: (u64, Option<Instant>),
     inbox: VecDeque<(SocketAddr, Bytes)>,
     transmits: VecDeque<(SocketAddr, Bytes)>,
+    /// Where `Data` packets are sealed (PROTOCOL.md §10.3).
+    seal_block: BytesMut,
     events: VecDeque<DatagramEvent>,
     /// Freezing: associations whose `FreezingAck` is awaited, and the deadline.
     freezing: Option<(Vec<u64>, Instant)>,
@@ -843,6 +844,7 @@ impl DatagramSocket {
             hello_tokens: (0, None),
             inbox: VecDeque::new(),
             transmits: VecDeque::new(),
+            seal_block: BytesMut::new(),
             events: VecDeque::new(),
             freezing: None,
             frozen: false,
@@ -979,7 +981,11 @@ impl DatagramSocket {
                 a.held.push_back(Bytes::copy_from_slice(payload));
             } else {
                 let to = a.addr;
-                let p = a.data_packet(payload, self.config.insecure_plaintext);
+                let p = a.data_packet(
+                    payload,
+                    self.config.insecure_plaintext,
+                    &mut self.seal_block,
+                );
                 self.transmits.push_back((to, p));
                 self.stats.sent += 1;
             }
@@ -1291,7 +1297,11 @@ impl DatagramSocket {
         row.answered = answered;
         if let Some(h) = self.handshakes.remove(&from) {
             for payload in h.queued {
-                let p = row.data_packet(&payload, self.config.insecure_plaintext);
+                let p = row.data_packet(
+                    &payload,
+                    self.config.insecure_plaintext,
+                    &mut self.seal_block,
+                );
                 self.transmits.push_back((from, p));
                 self.stats.sent += 1;
             }
@@ -1392,7 +1402,7 @@ impl DatagramSocket {
             body
         } else {
             let header = data_header(dkind::DATA, assoc, counter);
-            match aead::open(&a.rx, counter, &header, &body) {
+            match aead::open(&a.rx, counter, &header, body) {
                 Some(p) => p,
                 None => {
                     self.stats.refused += 1;
@@ -1615,7 +1625,11 @@ impl DatagramSocket {
         a.probes.clear();
         a.migrating_since = None;
         let held: Vec<Bytes> = a.held.drain(..).collect();
-        let packets: Vec<Bytes> = held.iter().map(|d| a.data_packet(d, plaintext)).collect();
+        let block = &mut self.seal_block;
+        let packets: Vec<Bytes> = held
+            .iter()
+            .map(|d| a.data_packet(d, plaintext, block))
+            .collect();
         self.send_reassoc_ack(id, epoch, addr);
         for p in packets {
             self.transmits.push_back((addr, p));
