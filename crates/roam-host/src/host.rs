@@ -586,7 +586,16 @@ impl Host {
 
         // 2. Pause the agent and freeze its sockets.
         let (ptx, prx) = oneshot::channel();
-        *lock(&rec.park) = Some(ptx);
+        {
+            // Under the phase lock, as the agent's task ends under it: either the task sees
+            // the request, or we see that it ended (and `prx` fails at once below).
+            let phase = lock(&rec.phase);
+            if !matches!(*phase, Phase::Done(_)) {
+                *lock(&rec.park) = Some(ptx);
+            } else {
+                drop(ptx);
+            }
+        }
         rec.signal.send_replace(true);
         let parked = match tokio::time::timeout(sh.config.yield_timeout, prx).await {
             Ok(Ok(p)) => p,
@@ -594,6 +603,21 @@ impl Host {
                 lock(&rec.park).take();
                 rec.signal.send_replace(false);
                 abort(sh, &rec);
+                let ended = match &*lock(&rec.phase) {
+                    Phase::Done(end) => Some(end.name()),
+                    _ => None,
+                };
+                if let Some(end) = ended {
+                    let _ = ch
+                        .send(&Msg::Refuse {
+                            reason: "the agent ended".into(),
+                        })
+                        .await;
+                    return Err(ApiError::new(
+                        "bad_request",
+                        format!("agent {id} ended ({end}) before it could move"),
+                    ));
+                }
                 let _ = ch
                     .send(&Msg::Refuse {
                         reason: "the agent did not pause".into(),
@@ -1208,7 +1232,12 @@ async fn agent_task(
         lock(&sh.services).remove(service);
     }
     drop(cx);
-    *lock(&rec.phase) = Phase::Done(end);
+    {
+        let mut phase = lock(&rec.phase);
+        *phase = Phase::Done(end);
+        // A migration waiting for this agent to pause learns at once that it ended instead.
+        lock(&rec.park).take();
+    }
     lock_pub(&rec.published).streams.clear();
     lock_pub(&rec.published).datagrams.clear();
 }

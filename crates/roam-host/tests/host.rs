@@ -37,6 +37,7 @@ async fn migrate(from: &Host, id: &str, to: SocketAddr) -> Result<(), String> {
         }
         (Err(e), Some(Progress::Error(e2))) => {
             assert_eq!(e, e2);
+            eprintln!("migration refused: {e}");
             Err(e.code)
         }
         other => panic!("progress and result disagree: {other:?}"),
@@ -145,7 +146,7 @@ async fn garbage_at_a_daemons_address_changes_nothing() {
     // The daemon still works.
     let recv = b.run("bulk-recv", &[]).unwrap().id;
     let send = a
-        .run("bulk-send", &[format!("{}/bulk", b.addr()), "4M".into()])
+        .run("bulk-send", &[format!("{}/bulk", b.addr()), "64M".into()])
         .unwrap()
         .id;
     migrate(&a, &send, b.addr()).await.unwrap();
@@ -154,7 +155,7 @@ async fn garbage_at_a_daemons_address_changes_nothing() {
     })
     .await;
     let r = b.agent(&recv).unwrap();
-    assert_eq!(r.status, "received 4194304 bytes: OK 4194304", "{r:?}");
+    assert_eq!(r.status, "received 67108864 bytes: OK 67108864", "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,4 +221,32 @@ async fn both_ends_of_a_stream_move_at_the_same_time() {
     assert_eq!(info.state, AgentState::Finished, "{info:?}");
     assert_eq!(info.status, "200/200 lines echoed intact");
     assert_eq!(a.agent(&echo).unwrap().state, AgentState::Running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_ends_while_a_migration_waits_for_it_is_reported_at_once() {
+    let key = [6u8; 32];
+    let a = host("127.0.0.95", key).await;
+    let b = host("127.0.0.96", key).await;
+    // A chat to an echo that is not there fails at once, racing the migration's offer.
+    for _ in 0..5 {
+        let chat = a
+            .run(
+                "chat",
+                &[format!("{}/echo", b.addr()), "5".into(), "1".into()],
+            )
+            .unwrap()
+            .id;
+        let started = Instant::now();
+        let r = migrate(&a, &chat, b.addr()).await;
+        // Either it moved before failing, or the migration says it ended; never a 10 s wait.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{r:?} after {:?}",
+            started.elapsed()
+        );
+        if let Err(code) = r {
+            assert_eq!(code, "bad_request");
+        }
+    }
 }
