@@ -4,7 +4,8 @@
 //! accepted TCP connection to the target, while letting a test inject faults
 //! at the connection level: abrupt resets ([`Relay::kill_all`],
 //! [`Relay::kill_after_bytes`]), an unreachable target ([`Relay::set_refuse`])
-//! and a silent network ([`Relay::set_blackhole`]). The idea follows smoltcp's
+//! a silent network ([`Relay::set_blackhole`]), pauses ([`Relay::stall`]) and seeded random
+//! resets, stalls and bandwidth limits ([`TcpFaults`]). The idea follows smoltcp's
 //! `phy/fault_injector.rs`, lifted from packets to TCP connections.
 //!
 //! [`UdpRelay`] is the datagram counterpart, closer still to smoltcp's fault
@@ -26,7 +27,7 @@ mod relay;
 mod udp;
 
 pub use mitm::{Dir, FrameEvent, Mitm, Verdict};
-pub use relay::{Relay, RelayStats};
+pub use relay::{Relay, RelayStats, TcpFaults};
 pub use udp::{
     AttackAction, AttackDir, AttackPolicy, Faults, UdpAttacker, UdpDirectionStats, UdpRelay,
     UdpRelayStats,

@@ -8,9 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use rand::Rng;
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 use tracing::debug;
 
 /// Size of each direction's copy buffer.
@@ -19,6 +23,67 @@ const BUF_SIZE: usize = 64 * 1024;
 const UNARMED: u64 = u64::MAX;
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop cannot spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+/// Longest stall accepted; longer [`TcpFaults::stall_for`] values are clamped to this.
+const MAX_STALL: Duration = Duration::from_secs(60);
+/// With a bandwidth limit, each read takes at most this fraction of a second's worth of bytes,
+/// so the pacing is smooth (a 20th of a second).
+const PACE_SLICES: u64 = 20;
+
+/// Seeded random faults a [`Relay`] injects into every connection, in both directions.
+///
+/// Each direction of each connection (a *flow*) draws from its own ChaCha8 generator: stream
+/// `2 i` (client → target) or `2 i + 1` (target → client) of `ChaCha8Rng::seed_from_u64(seed)`,
+/// where `i` is the connection's acceptance index (0 for the first). Every chunk the relay reads
+/// (up to 64 KiB, or less under a bandwidth limit) takes exactly two draws, whatever the rates:
+/// 1. **reset** with probability `reset`: the chunk is discarded and the connection reset in
+///    both directions (counted in [`RelayStats::killed`] and [`RelayStats::fault_resets`]);
+/// 2. **stall** with probability `stall`: the flow pauses for `stall_for` before forwarding the
+///    chunk (and reads nothing meanwhile, so the sender's TCP window fills up), counted in
+///    [`RelayStats::stalls`].
+///
+/// `rate` limits each flow to that many bytes per second (paced per chunk). Rates are clamped
+/// into `[0, 1]` (NaN counts as 0). The default injects nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TcpFaults {
+    /// Seed of the per-flow generators.
+    pub seed: u64,
+    /// Probability, per chunk read, that the connection is reset.
+    pub reset: f64,
+    /// Probability, per chunk read, that its flow stalls for `stall_for`.
+    pub stall: f64,
+    /// How long a stall lasts (clamped to 60 s).
+    pub stall_for: Duration,
+    /// Bandwidth limit of each flow in bytes per second (`None` or `Some(0)`: unlimited).
+    pub rate: Option<u64>,
+}
+
+impl TcpFaults {
+    /// This configuration with the rates clamped into `[0, 1]` (NaN becomes 0) and the stall
+    /// duration limited to 60 s: what the relay applies.
+    pub fn clamped(&self) -> TcpFaults {
+        fn rate(p: f64) -> f64 {
+            if p.is_nan() {
+                0.0
+            } else {
+                p.clamp(0.0, 1.0)
+            }
+        }
+        TcpFaults {
+            seed: self.seed,
+            reset: rate(self.reset),
+            stall: rate(self.stall),
+            stall_for: self.stall_for.min(MAX_STALL),
+            rate: self.rate.filter(|r| *r > 0),
+        }
+    }
+
+    /// The generator of flow `stream` (see the type's documentation).
+    fn rng(&self, stream: u64) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(stream);
+        rng
+    }
+}
 
 /// Counters describing what a [`Relay`] has done so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -34,6 +99,10 @@ pub struct RelayStats {
     pub bytes_up: u64,
     /// Bytes forwarded from the target back to clients.
     pub bytes_down: u64,
+    /// Pauses of a flow: random ones ([`TcpFaults::stall`]) and those a [`Relay::stall`] caused.
+    pub stalls: u64,
+    /// Connections reset by the random [`TcpFaults::reset`] fault (also counted in `killed`).
+    pub fault_resets: u64,
 }
 
 /// A fault-injecting TCP relay: forwards every accepted connection to one target address and
@@ -57,10 +126,16 @@ struct Shared {
     blackhole: watch::Sender<bool>,
     /// Set to `true` once on shutdown; the accept loop waits for it.
     stop: watch::Sender<bool>,
+    /// Current (clamped) random faults; flows reseed when it changes.
+    faults: watch::Sender<TcpFaults>,
+    /// Every flow holds its data until this instant ([`Relay::stall`]).
+    stall_until: watch::Sender<Option<Instant>>,
     accepted: AtomicU64,
     killed: AtomicU64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
+    stalls: AtomicU64,
+    fault_resets: AtomicU64,
 }
 
 /// Mutable relay state, always accessed under [`Shared::state`].
@@ -81,6 +156,8 @@ struct Conn {
     killed: AtomicBool,
     /// Bytes the connection may still forward before being killed, or [`UNARMED`].
     budget: AtomicU64,
+    /// Acceptance index (selects the flows' random streams).
+    index: u64,
 }
 
 /// Why forwarding on a connection stopped early.
@@ -89,6 +166,8 @@ enum End {
     Io(io::Error),
     /// The connection exhausted its `kill_after_bytes` budget.
     Tripped,
+    /// The random reset fault hit.
+    Faulted,
     /// The connection was killed from outside.
     Killed,
 }
@@ -108,10 +187,14 @@ impl Relay {
             }),
             blackhole: watch::Sender::new(false),
             stop: watch::Sender::new(false),
+            faults: watch::Sender::new(TcpFaults::default()),
+            stall_until: watch::Sender::new(None),
             accepted: AtomicU64::new(0),
             killed: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
+            fault_resets: AtomicU64::new(0),
         });
         debug!(%local_addr, %target, "relay started");
         tokio::spawn(accept_loop(listener, target, Arc::clone(&shared)));
@@ -163,6 +246,26 @@ impl Relay {
         }
     }
 
+    /// Replace the random faults (clamped, see [`TcpFaults::clamped`]) of every connection,
+    /// live and future. Each flow restarts its generator from the new seed with its next chunk.
+    pub fn set_faults(&self, faults: TcpFaults) {
+        self.shared.faults.send_replace(faults.clamped());
+    }
+
+    /// The random faults currently applied (clamped).
+    pub fn faults(&self) -> TcpFaults {
+        *self.shared.faults.borrow()
+    }
+
+    /// Stall every connection for `d` from now: bytes read are held (not lost) and forwarded
+    /// when the stall ends; meanwhile nothing more is read, so senders' TCP windows fill up.
+    /// A later call replaces the end of the stall (`Duration::ZERO` lifts it).
+    pub fn stall(&self, d: Duration) {
+        self.shared
+            .stall_until
+            .send_replace(Some(Instant::now() + d.min(MAX_STALL)));
+    }
+
     /// A snapshot of the relay's counters.
     pub fn stats(&self) -> RelayStats {
         let s = &self.shared;
@@ -171,6 +274,8 @@ impl Relay {
             killed: s.killed.load(Ordering::Acquire),
             bytes_up: s.bytes_up.load(Ordering::Acquire),
             bytes_down: s.bytes_down.load(Ordering::Acquire),
+            stalls: s.stalls.load(Ordering::Acquire),
+            fault_resets: s.fault_resets.load(Ordering::Acquire),
         }
     }
 
@@ -242,6 +347,7 @@ impl Shared {
                     kill: Notify::new(),
                     killed: AtomicBool::new(false),
                     budget: AtomicU64::new(st.armed.unwrap_or(UNARMED)),
+                    index: id,
                 });
                 st.conns.insert(id, Arc::clone(&conn));
                 Some((id, conn))
@@ -338,12 +444,16 @@ async fn run_conn(
             st.armed = None;
             shared.kill_locked(&st, &conn);
         }
+        if matches!(end, Err(End::Faulted)) && shared.kill_locked(&st, &conn) {
+            shared.fault_resets.fetch_add(1, Ordering::AcqRel);
+        }
         conn.killed.load(Ordering::Acquire)
     };
     match &end {
         Ok(()) => debug!(%peer, "relayed connection closed"),
         Err(End::Io(e)) => debug!(%peer, error = %e, "relayed connection failed"),
         Err(End::Tripped) => debug!(%peer, "relayed connection hit its byte budget"),
+        Err(End::Faulted) => debug!(%peer, "relayed connection reset by the random fault"),
         Err(End::Killed) => debug!(%peer, "relayed connection killed"),
     }
     // Anything but a clean close in both directions is propagated as a reset to both sides.
@@ -370,6 +480,7 @@ async fn forward(
         &shared.bytes_up,
         shared,
         conn,
+        2 * conn.index,
     );
     let down = pump(
         &mut server_rd,
@@ -377,27 +488,39 @@ async fn forward(
         &shared.bytes_down,
         shared,
         conn,
+        2 * conn.index + 1,
     );
     tokio::try_join!(up, down).map(|_| ())
 }
 
 /// Copy one direction until EOF (then shut down the write side), an error, or the byte budget
-/// runs out.
+/// runs out. `stream` selects the flow's random stream (see [`TcpFaults`]).
 async fn pump<R, W>(
     rd: &mut R,
     wr: &mut W,
     counter: &AtomicU64,
     shared: &Shared,
     conn: &Conn,
+    stream: u64,
 ) -> Result<(), End>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut blackhole = shared.blackhole.subscribe();
+    let mut faults = shared.faults.subscribe();
+    let mut stall_until = shared.stall_until.subscribe();
+    let mut rng = faults.borrow_and_update().rng(stream);
+    // Pacing under a bandwidth limit: when the next chunk may be forwarded.
+    let mut next_send = Instant::now();
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
-        let n = rd.read(&mut buf).await.map_err(End::Io)?;
+        let limit = match faults.borrow().rate {
+            // `rate / PACE_SLICES` is at least 1 and at most BUF_SIZE here, so lossless.
+            Some(rate) => (rate / PACE_SLICES).clamp(1, BUF_SIZE as u64) as usize,
+            None => BUF_SIZE,
+        };
+        let n = rd.read(&mut buf[..limit]).await.map_err(End::Io)?;
         if n == 0 {
             // Hold the end-of-stream back while blackholed; the sender lives in `shared`, so
             // this only returns once the blackhole is lifted.
@@ -407,6 +530,39 @@ where
         }
         if *blackhole.borrow_and_update() {
             continue;
+        }
+        if faults.has_changed().unwrap_or(false) {
+            rng = faults.borrow_and_update().rng(stream);
+        }
+        let f = *faults.borrow();
+        // Always two draws per chunk, so one fault's decisions do not depend on another's rate.
+        let (d_reset, d_stall): (f64, f64) = (rng.gen(), rng.gen());
+        if d_reset < f.reset {
+            return Err(End::Faulted);
+        }
+        if d_stall < f.stall {
+            shared.stalls.fetch_add(1, Ordering::AcqRel);
+            tokio::time::sleep(f.stall_for).await;
+        }
+        let until = *stall_until.borrow_and_update();
+        if let Some(until) = until.filter(|u| *u > Instant::now()) {
+            shared.stalls.fetch_add(1, Ordering::AcqRel);
+            // A later `stall` call may move the end (earlier or later): follow it.
+            let mut until = until;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => break,
+                    r = stall_until.changed() => {
+                        if r.is_err() {
+                            break;
+                        }
+                        match *stall_until.borrow_and_update() {
+                            Some(u) if u > Instant::now() => until = u,
+                            _ => break,
+                        }
+                    }
+                }
+            }
         }
         let (allowed, tripped) = conn.take_budget(n as u64);
         // `allowed <= n <= BUF_SIZE`, so this conversion is lossless.
@@ -422,6 +578,11 @@ where
         }
         if tripped {
             return Err(End::Tripped);
+        }
+        if let Some(rate) = f.rate {
+            let now = Instant::now();
+            next_send = next_send.max(now) + Duration::from_secs_f64(allowed as f64 / rate as f64);
+            tokio::time::sleep_until(next_send).await;
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use rand::RngCore;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use roam_testkit::{Relay, RelayStats};
+use roam_testkit::{Relay, RelayStats, TcpFaults};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -150,6 +150,8 @@ async fn forwards_one_mebibyte_intact_with_half_close() {
             killed: 0,
             bytes_up: 1 << 20,
             bytes_down: 1 << 20,
+            stalls: 0,
+            fault_resets: 0,
         }
     );
 }
@@ -271,6 +273,91 @@ async fn blackhole_swallows_bytes_but_keeps_connections_open() {
     let stats = relay.stats();
     assert_eq!((stats.bytes_up, stats.bytes_down), (8, 8));
     assert_eq!((stats.accepted, stats.killed), (1, 0));
+}
+
+#[tokio::test]
+async fn stall_holds_bytes_and_delivers_them_after() {
+    let echo = Echo::start().await;
+    let relay = Relay::start(addr("127.0.0.1:0"), echo.addr).await.unwrap();
+    let mut client = TcpStream::connect(relay.local_addr()).await.unwrap();
+    roundtrip(&mut client, b"ping").await;
+
+    relay.stall(Duration::from_secs(30));
+    client.write_all(b"held").await.unwrap();
+    let mut buf = [0u8; 4];
+    let read = tokio::time::timeout(SILENCE, client.read(&mut buf)).await;
+    assert!(read.is_err(), "read during a stall returned {read:?}");
+
+    // Lifting the stall releases what was held: nothing is lost, unlike a blackhole.
+    relay.stall(Duration::ZERO);
+    within("held bytes", client.read_exact(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(&buf, b"held");
+    let stats = relay.stats();
+    assert_eq!((stats.bytes_up, stats.bytes_down, stats.killed), (8, 8, 0));
+    assert!(stats.stalls >= 1, "{stats:?}");
+}
+
+#[tokio::test]
+async fn bandwidth_limit_paces_a_transfer() {
+    let echo = Echo::start().await;
+    let relay = Relay::start(addr("127.0.0.1:0"), echo.addr).await.unwrap();
+    relay.set_faults(TcpFaults {
+        rate: Some(100_000),
+        ..TcpFaults::default()
+    });
+    let mut client = TcpStream::connect(relay.local_addr()).await.unwrap();
+    let data = random_bytes(30_000, 3);
+    let started = std::time::Instant::now();
+    client.write_all(&data).await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut back))
+        .await
+        .expect("paced echo timed out")
+        .unwrap();
+    assert!(back == data);
+    // 30 kB at 100 kB/s each way (pipelined): at least ~0.25 s, not loopback speed.
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(200), "took only {took:?}");
+}
+
+#[tokio::test]
+async fn random_faults_reset_and_stall_reproducibly() {
+    // Run the same seeded schedule twice: the same chunk of the same connection is reset.
+    let mut outcomes = Vec::new();
+    for _ in 0..2 {
+        let echo = Echo::start().await;
+        let relay = Relay::start(addr("127.0.0.1:0"), echo.addr).await.unwrap();
+        relay.set_faults(TcpFaults {
+            seed: 7,
+            reset: 0.2,
+            stall: 0.3,
+            stall_for: Duration::from_millis(1),
+            rate: None,
+        });
+        let mut client = TcpStream::connect(relay.local_addr()).await.unwrap();
+        let mut ok = 0u32;
+        for i in 0..50u32 {
+            // One message at a time, each waited for: one chunk per message per direction.
+            let msg = i.to_be_bytes();
+            client.write_all(&msg).await.unwrap();
+            let mut back = [0u8; 4];
+            match within("echo or reset", client.read_exact(&mut back)).await {
+                Ok(_) => {
+                    assert_eq!(back, msg);
+                    ok += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        let stats = relay.stats();
+        assert_eq!(stats.fault_resets, 1, "{stats:?}");
+        assert_eq!(stats.killed, 1, "{stats:?}");
+        outcomes.push((ok, stats.stalls));
+    }
+    assert_eq!(outcomes[0], outcomes[1], "same seed, different schedule");
+    assert!(outcomes[0].0 < 50, "{outcomes:?}");
 }
 
 #[tokio::test]
