@@ -21,6 +21,7 @@ macro_rules! say {
 }
 
 mod bench;
+mod chaos;
 mod demo;
 mod demo_sockets;
 mod demo_udp;
@@ -62,6 +63,9 @@ enum Command {
     /// Measure roam against raw tokio TCP and UDP on loopback (baselines interleaved in the
     /// same run): throughput, latency, migration, sessions, udp.
     Bench(BenchArgs),
+    /// A fault-injecting relay: TCP (resets, stalls, bandwidth limit) or UDP (drop, duplicate,
+    /// reorder, delay, corrupt), seeded; prints what it did when stopped.
+    Chaos(chaos::ChaosArgs),
 }
 
 /// Options of `roam bench`.
@@ -195,6 +199,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Chaos(args) => match rt.block_on(chaos::run(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("roam chaos: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Bench(args) => match rt.block_on(bench::run(args)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
