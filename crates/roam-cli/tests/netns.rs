@@ -25,6 +25,8 @@ use roam_host::api::{AgentInfo, AgentState};
 const ROAM: &str = env!("CARGO_BIN_EXE_roam");
 /// Upper bound of each wait for agents to reach a state.
 const WAIT: Duration = Duration::from_secs(120);
+/// How long the link stays down: longer than roam's idle timeout (6 s).
+const FLAP: Duration = Duration::from_secs(8);
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output()
@@ -286,15 +288,26 @@ fn agents_migrate_between_namespaces_and_survive_a_link_flap() {
     net.wait_for(&recv, "received data", |a| received(a) > 0);
     println!("{}", net.migrate(&send, B).trim());
 
-    // Link flap during the bulk transfer: C's (the receiver's) link down for 2 s, then up.
-    let before = received(&net.wait_for(&recv, "is receiving", |a| received(a) > 0));
+    // Link flap during the bulk transfer: C's (the receiver's) link down for longer than the
+    // idle timeout (6 s), so roam declares the connection lost and redials (failing while the
+    // link is down) until it is back up; then re-associates and replays.
+    let r0 = net.wait_for(&recv, "is receiving", |a| received(a) > 0);
+    let before = received(&r0);
     assert!(before < bytes, "the transfer finished before the link flap");
     net.link("c", false);
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(FLAP);
     let during = net.agent(&recv).map(|a| received(&a)).unwrap_or(0);
     net.link("c", true);
+    let r1 = net.wait_for(&recv, "receives again", |a| received(a) > during);
+    let epoch = |a: &AgentInfo| a.sockets.first().map(|s| s.epoch);
     println!(
-        "link flap: C's eth0 down 2 s at {before} bytes received ({during} when it came back up)"
+        "link flap: C's eth0 down {FLAP:?} at {before} bytes received ({during} when it came back up); receiver's stream epoch {:?} → {:?}",
+        epoch(&r0),
+        epoch(&r1)
+    );
+    assert!(
+        epoch(&r1) > epoch(&r0),
+        "the stream did not re-associate after the link flap"
     );
     // Once it is back, the sender moves again (B → A), mid-transfer.
     println!("{}", net.migrate(&send, A).trim());
