@@ -123,7 +123,7 @@ async fn a_stream_through_chaos_tcp_loses_nothing() {
         "--reset-every",
         "100ms",
         "--reset",
-        "0.005",
+        "0.02",
         "--stall",
         "0.02",
         "--stall-for",
