@@ -83,7 +83,9 @@ impl fmt::Debug for SessionKey {
     }
 }
 
-/// An ephemeral X25519 key pair built from caller-supplied secret bytes.
+/// An X25519 key pair built from caller-supplied secret bytes: a handshake's ephemeral key or
+/// an endpoint's long-term identity ([`StaticKey`]). Never printed.
+#[derive(Clone)]
 pub(crate) struct Ephemeral {
     secret: StaticSecret,
     /// The public half, sent to the peer.
@@ -111,29 +113,9 @@ impl Ephemeral {
     }
 }
 
-/// A long-term X25519 secret (an endpoint's identity). Never printed.
-#[derive(Clone)]
-pub(crate) struct StaticKey {
-    secret: StaticSecret,
-    pub public: [u8; 32],
-}
-
-impl StaticKey {
-    pub(crate) fn new(secret: [u8; 32]) -> Self {
-        let secret = StaticSecret::from(secret);
-        let public = PublicKey::from(&secret).to_bytes();
-        StaticKey { secret, public }
-    }
-
-    pub(crate) fn agree(&self, peer: &[u8; 32]) -> Result<[u8; 32], NonContributory> {
-        let shared = self.secret.diffie_hellman(&PublicKey::from(*peer));
-        if shared.was_contributory() {
-            Ok(shared.to_bytes())
-        } else {
-            Err(NonContributory)
-        }
-    }
-}
+/// A long-term X25519 key pair (an endpoint's identity): the same construction as an
+/// ephemeral one, kept for the endpoint's life.
+pub(crate) type StaticKey = Ephemeral;
 
 /// The public half of an X25519 secret given as bytes.
 pub(crate) fn public_of(secret: [u8; 32]) -> [u8; 32] {
