@@ -686,22 +686,10 @@ impl Host {
             unreachable!("built just above")
         };
         let prepared = match sent {
-            Ok(Ok(())) => match recv_or_down(&mut ch, step).await {
-                Ok(Ok(Msg::Prepared)) => Ok(()),
-                Ok(Ok(Msg::Refuse { reason })) => Err(ApiError::new(
-                    "refused",
-                    format!("{to} refused the agent: {reason}"),
-                )),
-                Ok(Ok(other)) => Err(ApiError::new(
-                    "internal",
-                    format!("unexpected answer from {to}: {other:?}"),
-                )),
-                Ok(Err(e)) => Err(channel_error(to, e)),
-                Err(_) => Err(ApiError::new(
-                    "unreachable",
-                    format!("{to} did not prepare within {step:?}"),
-                )),
-            },
+            Ok(Ok(())) => {
+                let answer = recv_or_down(&mut ch, step).await;
+                expect_answer(to, answer, "prepare", |m| matches!(m, Msg::Prepared)).map(drop)
+            }
             Ok(Err(e)) => Err(channel_error(to, e)),
             Err(_) => Err(ApiError::new(
                 "unreachable",
@@ -815,22 +803,9 @@ impl Host {
             from: sh.addr,
         };
         ch.send(&offer).await.map_err(|e| channel_error(to, e))?;
-        match recv_or_down(&mut ch, sh.config.step_timeout).await {
-            Ok(Ok(Msg::Ready)) => Ok(ch),
-            Ok(Ok(Msg::Refuse { reason })) => Err(ApiError::new(
-                "refused",
-                format!("{to} refused the agent: {reason}"),
-            )),
-            Ok(Ok(other)) => Err(ApiError::new(
-                "internal",
-                format!("unexpected answer from {to}: {other:?}"),
-            )),
-            Ok(Err(e)) => Err(channel_error(to, e)),
-            Err(_) => Err(ApiError::new(
-                "unreachable",
-                format!("{to} did not answer the offer"),
-            )),
-        }
+        let answer = recv_or_down(&mut ch, sh.config.step_timeout).await;
+        expect_answer(to, answer, "answer the offer", |m| matches!(m, Msg::Ready))?;
+        Ok(ch)
     }
 
     /// Ask the daemon at `peer` what became of `txn` (`None`: unreachable).
@@ -956,6 +931,32 @@ async fn wait_started(ch: &mut Channel, step: Duration) -> Option<(u64, SocketAd
             _ => None,
         },
         _ = down_for(&mut connected, Duration::from_millis(500)) => None,
+    }
+}
+
+/// The destination's answer to a step: the expected message, or the error to report (its
+/// refusal, a broken channel, silence, or anything else).
+fn expect_answer(
+    to: SocketAddr,
+    answer: Result<Result<Msg, ChannelError>, NoAnswer>,
+    step: &str,
+    expected: impl Fn(&Msg) -> bool,
+) -> Result<Msg, ApiError> {
+    match answer {
+        Ok(Ok(m)) if expected(&m) => Ok(m),
+        Ok(Ok(Msg::Refuse { reason })) => Err(ApiError::new(
+            "refused",
+            format!("{to} refused the agent: {reason}"),
+        )),
+        Ok(Ok(other)) => Err(ApiError::new(
+            "internal",
+            format!("unexpected answer from {to}: {other:?}"),
+        )),
+        Ok(Err(e)) => Err(channel_error(to, e)),
+        Err(NoAnswer) => Err(ApiError::new(
+            "unreachable",
+            format!("{to} did not {step} in time"),
+        )),
     }
 }
 
