@@ -454,12 +454,13 @@ pub struct DatagramConfig {
     /// it. **For benchmarks and debugging only**: anyone on the path reads, alters and injects
     /// datagrams. Both ends must set it. Default false.
     pub insecure_plaintext: bool,
-    /// First resend delay of a `Hello` or `Reassoc` without answer; doubles each time.
-    /// Default 50 ms.
+    /// First resend delay of a `Hello`, `Reassoc` or `Freezing` without answer; doubles each
+    /// time. Default 50 ms.
     pub retry_initial: Duration,
     /// Longest resend delay. Default 1 s.
     pub retry_max: Duration,
-    /// Sends of a `Hello` or `Reassoc` before the peer is reported unreachable. Default 8.
+    /// Sends of a `Hello` or `Reassoc` before the peer is reported unreachable, and most sends
+    /// of a `Freezing` (which stops at `freeze_timeout` anyway). Default 8.
     pub max_tries: u32,
     /// Longest a peer that announced a freeze is waited for before held datagrams are dropped.
     /// Default 30 s.
@@ -622,6 +623,16 @@ impl Retry {
         self.delay = (self.delay * 2).min(max);
         self.next_at = now + self.delay;
     }
+}
+
+/// A freeze in progress (PROTOCOL.md §10.4): the associations whose `FreezingAck` is awaited,
+/// when the freeze completes anyway, and the resend timer of their `Freezing`.
+struct Freeze {
+    waiting: Vec<u64>,
+    deadline: Instant,
+    /// `Freezing` is resent to every association still in `waiting` with the backoff of
+    /// `Hello` and `Reassoc`, up to `max_tries` sends, until the deadline.
+    resend: Retry,
 }
 
 /// An address a peer re-associated from, being validated (RFC 9000 §8.2).
@@ -807,8 +818,8 @@ pub struct DatagramSocket {
     /// Where `Data` packets are sealed (PROTOCOL.md §10.3).
     seal_block: BytesMut,
     events: VecDeque<DatagramEvent>,
-    /// Freezing: associations whose `FreezingAck` is awaited, and the deadline.
-    freezing: Option<(Vec<u64>, Instant)>,
+    /// A freeze in progress.
+    freezing: Option<Freeze>,
     frozen: bool,
     wake_recv: bool,
     stats: DatagramStats,
@@ -1045,7 +1056,11 @@ impl DatagramSocket {
             return Err(DatagramError::Frozen);
         }
         let ids: Vec<u64> = self.assocs.keys().copied().collect();
-        self.freezing = Some((Vec::new(), now + self.config.freeze_timeout));
+        self.freezing = Some(Freeze {
+            waiting: Vec::new(),
+            deadline: now + self.config.freeze_timeout,
+            resend: Retry::new(now, self.config.retry_initial),
+        });
         for id in ids {
             self.announce_freezing(id);
         }
@@ -1053,10 +1068,22 @@ impl DatagramSocket {
         Ok(())
     }
 
-    /// Send `Freezing` on association `id` and wait for its answer.
+    /// Send `Freezing` on association `id` and wait for its answer (resent by the freeze's
+    /// timer until then).
     fn announce_freezing(&mut self, id: u64) {
-        let Some(a) = self.assocs.get(&id) else {
+        if !self.send_freezing(id) {
             return;
+        }
+        if let Some(f) = self.freezing.as_mut() {
+            f.waiting.push(id);
+        }
+    }
+
+    /// Queue a `Freezing` for association `id`, to where the peer is now; false if there is
+    /// no such association.
+    fn send_freezing(&mut self, id: u64) -> bool {
+        let Some(a) = self.assocs.get(&id) else {
+            return false;
         };
         let mac = control_mac(&a.key, LABEL_FREEZING, a.id, self.epoch);
         let p = Packet::Freezing {
@@ -1065,17 +1092,45 @@ impl DatagramSocket {
             mac,
         };
         self.transmits.push_back((a.addr, p.encode()));
-        if let Some((waiting, _)) = self.freezing.as_mut() {
-            waiting.push(id);
-        }
+        true
     }
 
     /// Frozen once every peer answered and every first contact in progress completed (its
     /// peer then got `Freezing` too), or at the deadline.
     fn check_frozen(&mut self) {
-        if self.freezing.as_ref().is_some_and(|(w, _)| w.is_empty()) && self.handshakes.is_empty() {
+        if self.freezing.as_ref().is_some_and(|f| f.waiting.is_empty())
+            && self.handshakes.is_empty()
+        {
             self.finish_freeze();
         }
+    }
+
+    /// The freeze's timers: at the deadline it completes; before, `Freezing` is resent to
+    /// every peer that has not answered, with backoff (PROTOCOL.md §10.4).
+    fn on_freeze_timer(&mut self, now: Instant) {
+        let (max_tries, max_delay) = (self.config.max_tries, self.config.retry_max);
+        let Some(f) = self.freezing.as_mut() else {
+            return;
+        };
+        if f.deadline <= now {
+            self.finish_freeze();
+            return;
+        }
+        if f.waiting.is_empty() || f.resend.tries >= max_tries || f.resend.next_at > now {
+            return;
+        }
+        f.resend.bump(now, max_delay);
+        let waiting = f.waiting.clone();
+        for id in waiting {
+            self.send_freezing(id);
+        }
+    }
+
+    /// When the freeze's next timer (resend or deadline) is due.
+    fn freeze_timer(&self, f: &Freeze) -> Instant {
+        let resend = (!f.waiting.is_empty() && f.resend.tries < self.config.max_tries)
+            .then_some(f.resend.next_at);
+        resend.map_or(f.deadline, |r| r.min(f.deadline))
     }
 
     fn finish_freeze(&mut self) {
@@ -1274,8 +1329,8 @@ impl DatagramSocket {
                 self.by_addr.remove(&addr);
             }
         }
-        if let Some((waiting, _)) = self.freezing.as_mut() {
-            waiting.retain(|w| *w != id);
+        if let Some(f) = self.freezing.as_mut() {
+            f.waiting.retain(|w| *w != id);
         }
     }
 
@@ -1695,8 +1750,8 @@ impl DatagramSocket {
             self.stats.refused += 1;
             return;
         }
-        if let Some((waiting, _)) = self.freezing.as_mut() {
-            waiting.retain(|id| *id != assoc);
+        if let Some(f) = self.freezing.as_mut() {
+            f.waiting.retain(|id| *id != assoc);
         }
         self.confirm(assoc);
         self.check_frozen();
@@ -1731,16 +1786,15 @@ impl DatagramSocket {
         }
     }
 
-    /// Timers: resends of `Hello` and `Reassoc` with backoff, giving up after `max_tries`;
-    /// hold timeouts of peers that never came back.
+    /// Timers: resends of `Hello`, `Reassoc` and (while freezing) `Freezing` with backoff,
+    /// giving up after `max_tries`; the freeze deadline; hold timeouts of peers that never came
+    /// back.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.frozen {
             return;
         }
-        if let Some((_, t)) = self.freezing {
-            if t <= now {
-                self.finish_freeze();
-            }
+        if self.freezing.is_some() {
+            self.on_freeze_timer(now);
             // Nothing else runs while moving; retries resume after the thaw.
             return;
         }
@@ -1827,8 +1881,8 @@ impl DatagramSocket {
         if self.frozen {
             return None;
         }
-        if let Some((_, t)) = self.freezing {
-            return Some(t);
+        if let Some(f) = &self.freezing {
+            return Some(self.freeze_timer(f));
         }
         let hs = self.handshakes.values().map(|h| h.retry.next_at);
         let ra = self

@@ -1,6 +1,6 @@
 //! Failures the reliability work (issue 6) found in the core, each pinned by a test that fails
 //! today and is ignored until the core is fixed (see RELIABILITY.md, "Findings"), with control
-//! cases that pass.
+//! cases that pass. Fixed findings keep their test, no longer ignored.
 //!
 //! Run them: `cargo test -p roam --test reliability_findings -- --ignored`.
 
@@ -79,12 +79,11 @@ async fn the_peer_holds_its_datagrams_while_the_socket_moves() {
     peer_sends_while_frozen(false).await;
 }
 
-/// `Freezing` (PROTOCOL §10.4) is sent once and never resent: when it is lost, the freeze ends
-/// at `freeze_timeout` without the peer holding its datagrams, and everything the peer sends
-/// until the moved socket's `Reassoc` reaches it goes to the old, closed socket. A resend of
-/// `Freezing` until `FreezingAck` (as `Hello` and `Reassoc` are resent) would keep them.
+/// Finding 1 (fixed): `Freezing` (PROTOCOL §10.4) was sent once and never resent: when it was
+/// lost, the freeze ended at `freeze_timeout` without the peer holding its datagrams, and
+/// everything the peer sent until the moved socket's `Reassoc` reached it went to the old,
+/// closed socket. It is now resent with backoff until `FreezingAck` or the deadline.
 #[tokio::test]
-#[ignore = "finding: a lost Freezing is not resent; the peer's datagrams sent during the move are lost (roam-proto datagram.rs announce_freezing)"]
 async fn a_lost_freezing_is_resent_and_the_peer_holds_its_datagrams() {
     peer_sends_while_frozen(true).await;
 }

@@ -880,8 +880,8 @@ async fn soak(p: Arc<Params>) -> Rss {
         // p → u goes through the relay until u's first move, then straight to u (held by p
         // while u moves). Losses only where the relay dropped or reordered: a datagram dropped
         // or held back past the `FreezingAck` (it then reaches u's old, closed socket), or,
-        // when the relay drops u's `Freezing` (sent once, not resent: see
-        // `reliability_findings.rs`), what p sends until u's `Reassoc` reaches it.
+        // when the relay drops every send of u's `Freezing` until the freeze deadline (it is
+        // resent: see `reliability_findings.rs`), what p sends until u's `Reassoc` reaches it.
         assert!(
             r.down.0 - r.down.1
                 <= r.relay_dropped_down

@@ -132,3 +132,77 @@ fn a_duplicated_freezing_is_acknowledged_twice_and_the_move_is_unchanged() {
         assert!(!net.sock(p).peers()[0].migrating);
     }
 }
+
+/// Finding 1 (RELIABILITY.md): `Freezing` was sent once; when it was lost the freeze ended at
+/// `freeze_timeout` without the peer holding, and what the peer sent during the move went to
+/// the old, closed address. It is now resent with backoff until `FreezingAck`.
+#[test]
+fn a_lost_freezing_is_resent_and_the_peer_holds_its_datagrams() {
+    let mut net = star(33, 2);
+    // The first `Freezing` to peer 1 is lost; peer 2's is not.
+    net.rules.push(Rule {
+        to: Some(1),
+        kind: Some(dkind::FREEZING),
+        faults: Faults::new(1.0, 0.0, 0.0),
+        remaining: Some(1),
+        ..Rule::default()
+    });
+    let started = net.now;
+    let image = net.freeze(M);
+    let retry = roam_proto::DatagramConfig::default().retry_initial;
+    let sent: Vec<_> = net.captured(dkind::FREEZING, Some(M));
+    let to_1: Vec<_> = sent
+        .iter()
+        .filter(|s| s.to == net.nodes[1].first_addr())
+        .collect();
+    let to_2 = sent.len() - to_1.len();
+    assert_eq!(to_1.len(), 2, "sent, lost, resent once");
+    assert_eq!(to_1[1].at - to_1[0].at, retry, "resent after retry_initial");
+    assert_eq!(to_2, 1, "the peer that answered gets no resend");
+    assert_eq!(net.stats.dropped, 1);
+    // Frozen on the second answer (one round trip after the resend), not at the deadline.
+    assert_eq!(net.now - started, retry + 2 * net.latency);
+    for p in 1..=2 {
+        assert!(net.sock(p).peers()[0].migrating, "peer {p} holds");
+    }
+    // The peers send while the socket is frozen; they hold it and deliver it after the thaw.
+    let mut t = Traffic::default();
+    for _ in 0..5 {
+        for p in 1..=2 {
+            t.send(&mut net, p, M);
+        }
+    }
+    net.run_for(100 * MS);
+    net.thaw(M, &image, addr(72, 4000));
+    assert!(net.settle(SETTLE));
+    t.assert_exact(&net);
+    for p in 1..=2 {
+        let s = net.sock(p).stats();
+        assert_eq!((s.held_and_sent, s.dropped_unreachable), (5, 0), "peer {p}");
+    }
+}
+
+/// A `Freezing` lost every time is resent with backoff (after `retry_initial`, then twice that)
+/// until `freeze_timeout`; then the freeze completes anyway and that peer, never told, does
+/// not hold.
+#[test]
+fn a_freezing_lost_every_time_is_resent_until_the_freeze_deadline() {
+    let mut net = star(34, 1);
+    net.rules
+        .push(Rule::drop_all(Some(dkind::FREEZING), Some(M), None));
+    let cfg = roam_proto::DatagramConfig::default();
+    let started = net.now;
+    let _image = net.freeze(M);
+    assert_eq!(net.now - started, cfg.freeze_timeout);
+    let at: Vec<Duration> = net
+        .captured(dkind::FREEZING, Some(M))
+        .iter()
+        .map(|s| s.at - started)
+        .collect();
+    // 0, 50 and 150 ms with the defaults; the next (350 ms) would be past the 250 ms deadline.
+    let r = cfg.retry_initial;
+    assert_eq!(at, [Duration::ZERO, r, 3 * r]);
+    assert!(3 * r < cfg.freeze_timeout && 7 * r > cfg.freeze_timeout);
+    assert!(!net.sock(1).peers()[0].migrating);
+    assert_eq!(net.sock(M).poll_timeout(), None, "frozen: no timer left");
+}

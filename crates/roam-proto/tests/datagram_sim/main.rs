@@ -40,9 +40,7 @@
 //!   A peer whose `Hello` is in flight to a socket that then moves reaches nobody (it knows no
 //!   association to translate).
 //! - A freeze waits for the peers in the table and first contacts in progress: a socket with
-//!   neither is frozen at once. A `Freezing` is sent once, never resent: if it (or its `FreezingAck`) is lost the
-//!   freeze waits the whole `freeze_timeout`, and that peer, not holding, sends what it has
-//!   during the move to the old address, where it is lost.
+//!   neither is frozen at once.
 //! - Both ends moving at once (out of scope): each sends its `Reassoc` to the other's old
 //!   address; both give up with `PeerUnreachable` after `max_tries` (no panic, no endless retry).
 //!
@@ -53,6 +51,14 @@
 //!   the peer flushed what it held to the frozen address and kept sending there, losing the
 //!   whole move's traffic. It is now only acknowledged again
 //!   (`attacks::replayed_current_reassoc_during_the_next_freeze_does_not_end_the_hold`).
+//! - `Freezing` was sent once, never resent: if it was lost the freeze waited the whole
+//!   `freeze_timeout`, and that peer, not holding, sent what it had during the move to the old
+//!   address, where it was lost (RELIABILITY.md finding 1). It is now resent with the backoff
+//!   of `Hello` and `Reassoc` until `FreezingAck` or the deadline
+//!   (`faults::a_lost_freezing_is_resent_and_the_peer_holds_its_datagrams`,
+//!   `faults::a_freezing_lost_every_time_is_resent_until_the_freeze_deadline`). If every
+//!   `Freezing` (or every `FreezingAck`) is lost until the deadline, that peer still does not
+//!   hold.
 
 mod net;
 
