@@ -76,7 +76,8 @@ pub enum TunnelError {
 /// One carried connection, for `roam ps` and the control API.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TunnelSession {
-    /// The local program's (client end) or the tunnel client's (server end) address.
+    /// The local program's address (client end), or where the server end reaches the tunnel
+    /// client now (server end: the peer's contact address, which follows its rebinds).
     pub from: SocketAddr,
     /// The roam session's id (hex).
     pub session: String,
@@ -167,7 +168,7 @@ impl Shared {
                     (st.stats.bytes_read, st.stats.bytes_written)
                 };
                 Some(TunnelSession {
-                    from: l.from,
+                    from: if l.client { l.from } else { st.peer.contact },
                     session: l.monitor.session_id().to_string(),
                     up,
                     down,
