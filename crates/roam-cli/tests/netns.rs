@@ -15,86 +15,49 @@
 //! Needs root and a working `ip netns` (iproute2); otherwise each test prints
 //! "skipped: ..." and passes. No traffic leaves the test's own namespaces.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::netns::{run, Namespaces};
+use common::ROAM;
 use roam_host::api::{AgentInfo, AgentState};
 
-const ROAM: &str = env!("CARGO_BIN_EXE_roam");
 /// Upper bound of each wait for agents to reach a state.
 const WAIT: Duration = Duration::from_secs(120);
 /// How long the link stays down: longer than roam's idle timeout (6 s).
 const FLAP: Duration = Duration::from_secs(8);
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-/// Run `ip ARGS`; panics with its stderr on failure.
-fn ip(args: &[&str]) {
-    let out = run(Command::new("ip").args(args));
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Three namespaces on a bridge, and the daemons in them. Dropping it kills the daemons and
-/// deletes the namespaces (which deletes their veth pairs) and the state directory.
+/// Three namespaces on a bridge, and the daemons in them. Dropping it kills the daemons,
+/// removes the state directory, then deletes the namespaces (which deletes their veth pairs).
 struct Net {
-    prefix: String,
-    namespaces: Vec<String>,
     daemons: Vec<Child>,
     state: PathBuf,
+    ns: Namespaces,
 }
 
 impl Net {
-    /// Create the namespaces, or `None` (with the reason) where that is not possible.
+    /// Create the namespaces, or `Err` (with the reason) where that is not possible.
     fn create(tag: &str) -> Result<Net, String> {
-        let prefix = format!("roam{}{tag}", std::process::id());
-        let probe = format!("{prefix}probe");
-        match Command::new("ip").args(["netns", "add", &probe]).output() {
-            Ok(o) if o.status.success() => {
-                let _ = Command::new("ip").args(["netns", "del", &probe]).output();
-            }
-            Ok(o) => {
-                return Err(format!(
-                    "`ip netns add` failed (needs root): {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                ))
-            }
-            Err(e) => return Err(format!("`ip` is not available (iproute2): {e}")),
-        }
-        let state = std::env::temp_dir().join(format!("{prefix}-state"));
+        let ns = Namespaces::new(tag)?;
+        let state = std::env::temp_dir().join(format!("{}-state", ns.prefix()));
         let _ = std::fs::remove_dir_all(&state);
         std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
         let mut net = Net {
-            prefix: prefix.clone(),
-            namespaces: Vec::new(),
             daemons: Vec::new(),
             state,
+            ns,
         };
-        let br = net.add_ns("br");
-        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &br, "link", "set", "br0", "up"]);
+        net.ns.add("br");
+        net.ns.bridge("br", "br0");
         for (i, h) in ["a", "b", "c"].iter().enumerate() {
-            let ns = net.add_ns(h);
-            let port = format!("p{h}");
-            ip(&[
-                "-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                &ns,
-            ]);
-            ip(&["-n", &br, "link", "set", &port, "master", "br0"]);
-            ip(&["-n", &br, "link", "set", &port, "up"]);
+            net.ns.add(h);
             let addr = format!("10.231.0.{}/24", i + 1);
-            ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
-            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
-            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            net.ns
+                .attach("br", "br0", &format!("p{h}"), h, "eth0", &addr);
         }
         // One deployment key for the three daemons (written before any starts).
         std::fs::write(
@@ -105,21 +68,12 @@ impl Net {
         Ok(net)
     }
 
-    fn add_ns(&mut self, h: &str) -> String {
-        let ns = format!("{}{h}", self.prefix);
-        ip(&["netns", "add", &ns]);
-        self.namespaces.push(ns.clone());
-        ns
-    }
-
-    fn ns(&self, h: &str) -> String {
-        format!("{}{h}", self.prefix)
-    }
-
     /// Start `roam host` in namespace `h` on `addr` and wait for its "ready" line.
     fn start_daemon(&mut self, h: &str, addr: &str) {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(h), ROAM, "host", "--listen", addr])
+        let mut child = self
+            .ns
+            .exec(h, ROAM)
+            .args(["host", "--listen", addr])
             .arg("--state-dir")
             .arg(&self.state)
             .stdout(Stdio::piped())
@@ -202,14 +156,7 @@ impl Net {
     }
 
     fn link(&self, h: &str, up: bool) {
-        ip(&[
-            "-n",
-            &self.ns(h),
-            "link",
-            "set",
-            "eth0",
-            if up { "up" } else { "down" },
-        ]);
+        self.ns.link(h, "eth0", up);
     }
 }
 
@@ -218,9 +165,6 @@ impl Drop for Net {
         for d in &mut self.daemons {
             let _ = d.kill();
             let _ = d.wait();
-        }
-        for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
         let _ = std::fs::remove_dir_all(&self.state);
     }

@@ -7,34 +7,18 @@
 //! come from Debian packages that `.ci/run` installs (redis-server, redis-tools, postgresql);
 //! where one is missing (a developer machine), its test says so and returns.
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
+use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const ROAM: &str = env!("CARGO_BIN_EXE_roam");
-
-/// Kills its processes when dropped, so a failing test leaks nothing.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn have(program: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {program}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+use common::programs::{
+    have, postgres_bin, postgres_missing, rebind, server_peers, tunnel, Postgres, Procs, Psql,
+};
+use common::ROAM;
 
 fn free_port(ip: &str) -> u16 {
     std::net::TcpListener::bind(format!("{ip}:0"))
@@ -42,31 +26,6 @@ fn free_port(ip: &str) -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Start a `roam tunnel …` process and wait for its "ready" line (the event it prints once it
-/// listens).
-fn tunnel(procs: &mut Procs, state: &Path, args: &[&str]) -> ChildStdout {
-    let mut child = Command::new(ROAM)
-        .arg("tunnel")
-        .args(args)
-        .arg("--state-dir")
-        .arg(state)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    procs.0.push(child);
-    let mut lines = BufReader::new(out);
-    let mut line = String::new();
-    lines.read_line(&mut line).unwrap();
-    assert!(
-        line.contains("ready"),
-        "roam tunnel {args:?} did not start: {line:?}"
-    );
-    lines.into_inner()
 }
 
 /// Wait until a TCP server answers at `addr` (bounded).
@@ -128,6 +87,7 @@ fn redis_through_a_tunnel_whose_connection_is_killed_repeatedly() {
     let relay_addr = relay.local_addr().to_string();
     tunnel(
         &mut procs,
+        Command::new(ROAM),
         state.path(),
         &[
             "serve",
@@ -142,6 +102,7 @@ fn redis_through_a_tunnel_whose_connection_is_killed_repeatedly() {
     let local = format!("127.0.0.41:{}", free_port("127.0.0.41"));
     tunnel(
         &mut procs,
+        Command::new(ROAM),
         state.path(),
         &["listen", "--local", &local, "--to-peer", &relay_addr],
     );
@@ -237,85 +198,19 @@ fn redis_through_a_tunnel_whose_connection_is_killed_repeatedly() {
     eprintln!("redis through the tunnel: {N} SETs and a benchmark answered through {kills} killed connections");
 }
 
-fn postgres_bin() -> Option<PathBuf> {
-    let dir = std::fs::read_dir("/usr/lib/postgresql").ok()?;
-    let mut versions: Vec<PathBuf> = dir
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("bin"))
-        .collect();
-    versions.sort();
-    versions
-        .into_iter()
-        .rev()
-        .find(|b| b.join("postgres").exists() && b.join("initdb").exists())
-}
-
 /// A psql session through the tunnel survives the tunnel client end changing its address
 /// (`roam tunnel rebind`, i.e. `Endpoint::rebind`) mid-session: same server backend, same
 /// transaction state, every query answered.
 #[test]
 fn psql_session_survives_the_client_end_changing_its_address() {
-    let Some(bin) = postgres_bin() else {
-        eprintln!(
-            "skipped: PostgreSQL server binaries are not installed (.ci/run installs postgresql)"
-        );
-        return;
-    };
-    if !have("psql") {
-        eprintln!("skipped: psql is not installed");
+    if let Some(why) = postgres_missing() {
+        eprintln!("skipped: {why}");
         return;
     }
-    // PostgreSQL refuses to run as root: run it as the `postgres` user when we are root.
-    let as_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout == b"0\n");
-    let run_as = |cmd: &Path| -> Command {
-        if as_root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(cmd);
-            c
-        } else {
-            Command::new(cmd)
-        }
-    };
-    let data = tempfile::tempdir().unwrap();
-    if as_root {
-        let chown = Command::new("chown")
-            .args(["-R", "postgres"])
-            .arg(data.path())
-            .status()
-            .unwrap();
-        assert!(chown.success());
-    }
-    let pgdata = data.path().join("pg");
-    let init = run_as(&bin.join("initdb"))
-        .args(["-A", "trust", "-U", "postgres", "-D"])
-        .arg(&pgdata)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(init.success(), "initdb failed");
+    let bin = postgres_bin().expect("checked above");
     let mut procs = Procs(Vec::new());
-    let pg_port = free_port("127.0.0.1");
-    let pg = run_as(&bin.join("postgres"))
-        .arg("-D")
-        .arg(&pgdata)
-        .args([
-            "-p",
-            &pg_port.to_string(),
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-k",
-        ])
-        .arg(data.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    procs.0.push(pg);
-    wait_listening(&format!("127.0.0.1:{pg_port}"));
+    let pg = Postgres::start(&bin, free_port("127.0.0.1"), None);
+    let pg_port = pg.port;
 
     let state = tempfile::tempdir().unwrap();
     // This tunnel's ends authenticate each other with a pre-shared key.
@@ -325,6 +220,7 @@ fn psql_session_survives_the_client_end_changing_its_address() {
     let serve = format!("127.0.0.46:{}", free_port("127.0.0.46"));
     tunnel(
         &mut procs,
+        Command::new(ROAM),
         state.path(),
         &[
             "serve",
@@ -359,6 +255,7 @@ fn psql_session_survives_the_client_end_changing_its_address() {
     let local = format!("127.0.0.45:{}", free_port("127.0.0.45"));
     tunnel(
         &mut procs,
+        Command::new(ROAM),
         state.path(),
         &[
             "listen",
@@ -374,87 +271,34 @@ fn psql_session_survives_the_client_end_changing_its_address() {
     );
     let (host, port) = local.split_once(':').unwrap();
 
-    let mut psql = Command::new("psql")
-        .args([
-            "-h",
-            host,
-            "-p",
-            port,
-            "-U",
-            "postgres",
-            "-Atq",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "postgres",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = psql.stdin.take().unwrap();
-    let mut out = BufReader::new(psql.stdout.take().unwrap());
-    // Every statement ends with a query that prints one row, so each answer is one line
-    // (-q keeps BEGIN/COMMIT silent).
-    let mut ask = |sql: &str| -> String {
-        writeln!(stdin, "{sql}").unwrap();
-        stdin.flush().unwrap();
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert!(!line.is_empty(), "psql ended before answering {sql:?}");
-        line.trim().to_string()
-    };
-    let pid = ask("select pg_backend_pid();");
+    // -q keeps BEGIN/COMMIT silent: each answer below is the one row of its last query.
+    let mut psql = Psql::start(Command::new("psql"), host, port.parse().unwrap());
+    let pid = psql.ask("select pg_backend_pid();");
     assert!(pid.parse::<u32>().is_ok(), "psql answered {pid:?}");
-    assert_eq!(ask("create temp table t(i int); select 1;"), "1");
+    assert_eq!(psql.ask("create temp table t(i int); select 1;"), "1");
     assert_eq!(
-        ask("begin; with x as (insert into t select generate_series(1,100) returning i) select count(*) from x;"),
+        psql.ask("begin; with x as (insert into t select generate_series(1,100) returning i) select count(*) from x;"),
         "100"
     );
     // The client end moves to 127.0.0.48, then to 127.0.0.49, mid-transaction.
     for ip in ["127.0.0.48", "127.0.0.49"] {
-        let r = Command::new(ROAM)
-            .args([
-                "tunnel",
-                "rebind",
-                "--local",
-                &local,
-                "--to",
-                ip,
-                "--state-dir",
-            ])
-            .arg(state.path())
-            .output()
-            .unwrap();
-        assert!(
-            r.status.success(),
-            "rebind: {}",
-            String::from_utf8_lossy(&r.stderr)
-        );
-        let said = String::from_utf8_lossy(&r.stdout);
+        let said = rebind(state.path(), &local, ip);
         assert!(said.contains(ip) && said.contains("1 connection"), "{said}");
         assert_eq!(
-            ask("select pg_backend_pid();"),
+            psql.ask("select pg_backend_pid();"),
             pid,
             "the same server backend after moving to {ip}"
         );
         // The server end's session now reaches the client end at its new address.
-        let ps = Command::new(ROAM)
-            .args(["ps", "--state-dir"])
-            .arg(state.path())
-            .output()
-            .unwrap();
-        let ps = String::from_utf8_lossy(&ps.stdout);
+        let peers = server_peers(state.path());
         assert!(
-            ps.contains(&format!("    {ip}:")),
-            "the server end does not see {ip}:\n{ps}"
+            peers.len() == 1 && peers[0].starts_with(&format!("{ip}:")),
+            "the server end does not see {ip}: {peers:?}"
         );
-        assert_eq!(ask("select count(*) from t;"), "100");
+        assert_eq!(psql.ask("select count(*) from t;"), "100");
     }
-    assert_eq!(ask("commit; select sum(i) from t;"), "5050");
-    drop(stdin);
-    let out = psql.wait_with_output().unwrap();
-    assert!(out.status.success());
+    assert_eq!(psql.ask("commit; select sum(i) from t;"), "5050");
+    psql.finish();
 }
 
 fn roam_fails(args: &[&str], state: &Path, expect: &str) {
@@ -502,6 +346,7 @@ fn bad_input_is_a_clear_message_and_a_nonzero_exit() {
     let serve = format!("127.0.0.44:{}", free_port("127.0.0.44"));
     tunnel(
         &mut procs,
+        Command::new(ROAM),
         state.path(),
         &[
             "serve",

@@ -7,7 +7,13 @@
 //! - Readiness is the "ready" line a daemon prints on stdout (an event, not a sleep).
 //! - Every wait is a bounded poll (every [`POLL`]) of `roam ps --json` or of a process, with a
 //!   deadline.
+//!
+//! [`netns`] makes network namespaces (root only); [`programs`] starts the real programs the
+//! tunnel tests carry (PostgreSQL, psql, `roam tunnel`).
 #![allow(dead_code)]
+
+pub mod netns;
+pub mod programs;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
