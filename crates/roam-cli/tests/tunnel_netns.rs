@@ -29,7 +29,7 @@ use std::process::Command;
 
 use common::netns::{ip, run, Namespaces};
 use common::programs::{
-    postgres_bin, postgres_missing, rebind, server_peers, tunnel, Postgres, Procs, Psql,
+    postgres_bin, postgres_missing, rebind, server_peers, tunnel, tunnel_ps, Postgres, Procs, Psql,
 };
 use common::ROAM;
 use sha2::{Digest, Sha256};
@@ -248,6 +248,7 @@ fn psql_session_survives_the_client_moving_to_another_network() {
         psql.ask("select count(*) || '|' || sum(length(v)) from up;"),
         format!("1|{}", 1 << 20)
     );
+    print!("{}", tunnel_ps(state.path()));
     psql.finish();
     println!(
         "psql backend {pid} kept across the move {NET1} → {NET2}, network 1 down; 1 MiB up and 2 MiB down in flight verified"

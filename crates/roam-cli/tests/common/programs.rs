@@ -126,9 +126,8 @@ pub fn rebind(state: &Path, local: &str, to: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The addresses the server tunnel ends under `state` reach their clients at now, one per
-/// carried connection (the session lines under each `server` row of `roam ps`).
-pub fn server_peers(state: &Path) -> Vec<String> {
+/// What `roam ps` prints about the tunnel ends under `state`.
+pub fn tunnel_ps(state: &Path) -> String {
     let out = super::netns::run(
         Command::new(super::ROAM)
             .arg("ps")
@@ -140,9 +139,15 @@ pub fn server_peers(state: &Path) -> Vec<String> {
         "roam ps: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The addresses the server tunnel ends under `state` reach their clients at now, one per
+/// carried connection (the session lines under each `server` row of `roam ps`).
+pub fn server_peers(state: &Path) -> Vec<String> {
     let mut peers = Vec::new();
     let mut in_server = false;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in tunnel_ps(state).lines() {
         if let Some(session) = line.strip_prefix("    ") {
             if in_server {
                 peers.extend(session.split_whitespace().next().map(str::to_owned));
