@@ -25,6 +25,8 @@ use crate::wire::{self, Channel, ChannelError, Msg, SocketImage, Transfer, TxnOu
 const SERVICE_BACKLOG: usize = 64;
 /// Records of agents no longer running that `ps` keeps.
 const MAX_RECORDS: usize = 1000;
+/// How long `Host::stop` waits for the agent's task to end (it only drops futures).
+const STOP_WAIT: Duration = Duration::from_secs(1);
 
 /// A step of the migration transaction at which a daemon can be made to crash (test hook for
 /// crash-safety tests: `ROAM_CRASH_AT=<name>` in `roam host`'s environment).
@@ -150,7 +152,8 @@ struct Record {
     id: String,
     kind: String,
     args: Vec<String>,
-    phase: Mutex<Phase>,
+    /// Where the agent is; a watch, so `stop` can wait for its end.
+    phase: watch::Sender<Phase>,
     published: PublishedRef,
     signal: watch::Sender<bool>,
     /// Set by a migration before it signals: the agent task hands itself over here.
@@ -247,7 +250,7 @@ impl HostShared {
     fn running(&self) -> usize {
         lock(&self.agents)
             .values()
-            .filter(|r| !matches!(*lock(&r.phase), Phase::Done(_)))
+            .filter(|r| !matches!(*r.phase.borrow(), Phase::Done(_)))
             .count()
     }
 
@@ -418,7 +421,7 @@ impl Host {
             id: id.clone(),
             kind: kind.to_owned(),
             args,
-            phase: Mutex::new(Phase::Running),
+            phase: watch::channel(Phase::Running).0,
             published,
             signal,
             park: Mutex::new(None),
@@ -433,7 +436,7 @@ impl Host {
         // Forget the oldest records of agents that are gone.
         let done: Vec<String> = agents
             .iter()
-            .filter(|(_, r)| matches!(*lock(&r.phase), Phase::Done(_)))
+            .filter(|(_, r)| matches!(*r.phase.borrow(), Phase::Done(_)))
             .map(|(k, _)| k.clone())
             .collect();
         if done.len() > MAX_RECORDS {
@@ -469,7 +472,7 @@ impl Host {
     pub async fn stop(&self, id: &str) -> Result<AgentInfo, ApiError> {
         let rec = self.record(id)?;
         {
-            let phase = lock(&rec.phase);
+            let phase = rec.phase.borrow();
             match &*phase {
                 Phase::Running => {}
                 Phase::Migrating(to) => {
@@ -486,14 +489,12 @@ impl Host {
                 }
             }
         }
+        let mut phase = rec.phase.subscribe();
         rec.stop.notify_one();
-        // The task marks the record when it is gone (bounded wait: it only drops futures).
-        for _ in 0..200 {
-            if matches!(*lock(&rec.phase), Phase::Done(_)) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        // The task marks the record when it is gone. Bounded: a task parked for a migration
+        // sees the stop only once the migration gave it back.
+        let _ =
+            tokio::time::timeout(STOP_WAIT, phase.wait_for(|p| matches!(p, Phase::Done(_)))).await;
         Ok(info_of(&self.shared, &rec))
     }
 
@@ -536,29 +537,30 @@ impl Host {
             ));
         }
         let rec = self.record(id)?;
-        {
-            let mut phase = lock(&rec.phase);
-            match &*phase {
-                Phase::Running => *phase = Phase::Migrating(to),
-                Phase::Migrating(t) => {
-                    return Err(ApiError::new(
-                        "busy",
-                        format!("agent {id} is already migrating to {t}"),
-                    ))
+        let mut refused = None;
+        rec.phase.send_if_modified(|phase| {
+            refused = match &*phase {
+                Phase::Running => {
+                    *phase = Phase::Migrating(to);
+                    return true;
                 }
-                Phase::Done(AgentState::Moved(t)) => {
-                    return Err(ApiError::new(
-                        "unknown_agent",
-                        format!("agent {id} moved from {} to {t}", sh.addr),
-                    ))
-                }
-                Phase::Done(s) => {
-                    return Err(ApiError::new(
-                        "bad_request",
-                        format!("agent {id} is not running ({})", s.name()),
-                    ))
-                }
-            }
+                Phase::Migrating(t) => Some(ApiError::new(
+                    "busy",
+                    format!("agent {id} is already migrating to {t}"),
+                )),
+                Phase::Done(AgentState::Moved(t)) => Some(ApiError::new(
+                    "unknown_agent",
+                    format!("agent {id} moved from {} to {t}", sh.addr),
+                )),
+                Phase::Done(s) => Some(ApiError::new(
+                    "bad_request",
+                    format!("agent {id} is not running ({})", s.name()),
+                )),
+            };
+            false
+        });
+        if let Some(e) = refused {
+            return Err(e);
         }
         let t0 = Instant::now();
         let txn: u64 = rand::random();
@@ -566,10 +568,13 @@ impl Host {
         let abort = |sh: &HostShared, rec: &Record| {
             lock(&sh.txns).insert(txn, TxnOutcome::Aborted);
             // The agent kept running while we waited; it may have ended meanwhile.
-            let mut phase = lock(&rec.phase);
-            if matches!(*phase, Phase::Migrating(_)) {
-                *phase = Phase::Running;
-            }
+            rec.phase.send_if_modified(|phase| {
+                let migrating = matches!(*phase, Phase::Migrating(_));
+                if migrating {
+                    *phase = Phase::Running;
+                }
+                migrating
+            });
         };
 
         // 1. Offer, before anything is frozen: an unreachable, stranger or refusing
@@ -589,7 +594,7 @@ impl Host {
         {
             // Under the phase lock, as the agent's task ends under it: either the task sees
             // the request, or we see that it ended (and `prx` fails at once below).
-            let phase = lock(&rec.phase);
+            let phase = rec.phase.borrow();
             if !matches!(*phase, Phase::Done(_)) {
                 *lock(&rec.park) = Some(ptx);
             } else {
@@ -603,7 +608,7 @@ impl Host {
                 lock(&rec.park).take();
                 rec.signal.send_replace(false);
                 abort(sh, &rec);
-                let ended = match &*lock(&rec.phase) {
+                let ended = match &*rec.phase.borrow() {
                     Phase::Done(end) => Some(end.name()),
                     _ => None,
                 };
@@ -761,7 +766,7 @@ impl Host {
         let _ = contact;
         rec.migrations.fetch_add(1, Ordering::Relaxed);
         lock(&rec.hosts).push(to);
-        *lock(&rec.phase) = Phase::Done(AgentState::Moved(to));
+        rec.phase.send_replace(Phase::Done(AgentState::Moved(to)));
         {
             let mut p = lock_pub(&rec.published);
             p.streams.clear();
@@ -828,8 +833,10 @@ impl Host {
             Ok(s) => s,
             Err(reason) => {
                 // Our own images: cannot happen short of memory corruption; say so loudly.
-                *lock(&rec.phase) =
-                    Phase::Done(AgentState::Failed(format!("resume failed: {reason}")));
+                rec.phase
+                    .send_replace(Phase::Done(AgentState::Failed(format!(
+                        "resume failed: {reason}"
+                    ))));
                 return ApiError::new(
                     "internal",
                     format!("{}; resuming failed: {reason}", err.message),
@@ -845,11 +852,11 @@ impl Host {
             rec.signal.subscribe(),
         )
         .await;
-        *lock(&rec.phase) = Phase::Running;
+        rec.phase.send_replace(Phase::Running);
         if resume.send((agent, cx)).is_err() {
-            *lock(&rec.phase) = Phase::Done(AgentState::Failed(
+            rec.phase.send_replace(Phase::Done(AgentState::Failed(
                 "the agent's task ended during the migration".into(),
-            ));
+            )));
         }
         err
     }
@@ -1233,18 +1240,17 @@ async fn agent_task(
         lock(&sh.services).remove(service);
     }
     drop(cx);
-    {
-        let mut phase = lock(&rec.phase);
+    rec.phase.send_modify(|phase| {
         *phase = Phase::Done(end);
         // A migration waiting for this agent to pause learns at once that it ended instead.
         lock(&rec.park).take();
-    }
+    });
     lock_pub(&rec.published).streams.clear();
     lock_pub(&rec.published).datagrams.clear();
 }
 
 fn info_of(sh: &HostShared, rec: &Record) -> AgentInfo {
-    let state = match &*lock(&rec.phase) {
+    let state = match &*rec.phase.borrow() {
         Phase::Running => AgentState::Running,
         Phase::Migrating(t) => AgentState::Migrating(*t),
         Phase::Done(s) => s.clone(),
@@ -1512,7 +1518,7 @@ fn offer_refusal(sh: &HostShared, agent: &str, kind: &str) -> Option<String> {
         return Some(format!("{} does not run agents of kind {kind:?}", sh.addr));
     }
     if let Some(r) = lock(&sh.agents).get(agent) {
-        if !matches!(*lock(&r.phase), Phase::Done(_)) {
+        if !matches!(*r.phase.borrow(), Phase::Done(_)) {
             return Some(format!("agent {agent} already runs on {}", sh.addr));
         }
     }
