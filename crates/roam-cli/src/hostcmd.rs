@@ -197,29 +197,11 @@ pub async fn host(args: HostArgs) -> Result<(), Failure> {
         .await
         .map_err(|e| Failure(e.to_string()))?;
     let path = control::socket_path(&state, host.addr());
-    let serve = {
-        let host = host.clone();
-        let path = path.clone();
-        tokio::spawn(async move { control::serve(host, &path).await })
-    };
-    // The socket exists once bound; wait for it (bounded) so "ready" is true when printed.
-    for _ in 0..200 {
-        if path.exists() || serve.is_finished() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    if serve.is_finished() {
-        let r = serve.await;
-        return Err(Failure(format!(
-            "control socket {}: {}",
-            path.display(),
-            match r {
-                Ok(Err(e)) => e.to_string(),
-                _ => "failed".into(),
-            }
-        )));
-    }
+    // Bound before "ready" is printed, so the socket answers once it is.
+    let listener = control::bind(&path)
+        .await
+        .map_err(|e| Failure(format!("control socket {}: {e}", path.display())))?;
+    let serve = tokio::spawn(control::serve(host.clone(), listener));
     say!(
         "roam host {} ready (control socket {}, deployment key {})",
         host.addr(),

@@ -201,28 +201,16 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
     finish(server.open(), &server.info())
 }
 
+/// Bind the end's control socket (before "ready" is printed, so it answers once it is) and
+/// serve it on a task.
 async fn spawn_control(
     end: TunnelEnd,
     path: PathBuf,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Failure> {
-    let task = {
-        let path = path.clone();
-        tokio::spawn(async move { tunnel::serve_control(end, &path).await })
-    };
-    for _ in 0..200 {
-        if path.exists() || task.is_finished() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    if task.is_finished() {
-        let why = match task.await {
-            Ok(Err(e)) => e.to_string(),
-            _ => "failed".into(),
-        };
-        return Err(Failure(format!("control socket {}: {why}", path.display())));
-    }
-    Ok(task)
+    let listener = control::bind(&path)
+        .await
+        .map_err(|e| Failure(format!("control socket {}: {e}", path.display())))?;
+    Ok(tokio::spawn(tunnel::serve_control(end, listener)))
 }
 
 /// Wait (bounded) for open connections to end on their own.

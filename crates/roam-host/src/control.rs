@@ -91,9 +91,10 @@ impl IntoResponse for ApiResponse {
 
 type ApiResult<T> = Result<Json<T>, ApiResponse>;
 
-/// Serve the control API of `host` on a Unix socket at `path` (replacing a stale one) until
-/// the task is dropped.
-pub async fn serve(host: Host, path: &Path) -> std::io::Result<()> {
+/// Bind a control socket at `path`: its directory is created and a stale socket (nobody
+/// answers there) replaced; a live one is an error (`AddrInUse`). Once this returns, clients
+/// can connect (the kernel queues them until the socket is served).
+pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -101,12 +102,16 @@ pub async fn serve(host: Host, path: &Path) -> std::io::Result<()> {
         if UnixStream::connect(path).await.is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
-                format!("another daemon serves {}", path.display()),
+                format!("another process serves {}", path.display()),
             ));
         }
         std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
+    UnixListener::bind(path)
+}
+
+/// Serve the control API of `host` on `listener` ([`bind`]) until the task is dropped.
+pub async fn serve(host: Host, listener: UnixListener) -> std::io::Result<()> {
     let app = Router::new()
         .route("/v1/host", get(host_info))
         .route("/v1/agents", get(list).post(run))

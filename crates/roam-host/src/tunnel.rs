@@ -554,22 +554,10 @@ impl TunnelEnd {
     }
 }
 
-/// Serve a tunnel end's control API on a Unix socket: `GET /v1/tunnel` ([`TunnelInfo`]) and,
-/// at the client end, `POST /v1/tunnel/rebind` ([`RebindRequest`] → [`RebindAnswer`]).
-pub async fn serve_control(end: TunnelEnd, path: &Path) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("another tunnel serves {}", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
+/// Serve a tunnel end's control API on a Unix socket bound with [`crate::control::bind`]:
+/// `GET /v1/tunnel` ([`TunnelInfo`]) and, at the client end, `POST /v1/tunnel/rebind`
+/// ([`RebindRequest`] → [`RebindAnswer`]).
+pub async fn serve_control(end: TunnelEnd, listener: UnixListener) -> std::io::Result<()> {
     let app = Router::new()
         .route(
             "/v1/tunnel",
