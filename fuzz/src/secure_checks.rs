@@ -54,8 +54,9 @@ fn settings(sel: u8, me: u8, other: u8) -> Security {
 
 /// An association handshake with identities: `data[0]` picks both sides' settings, the rest is
 /// XORed into the encoded `Hello` (first half) and `Welcome` (second half). Never a panic; a
-/// handshake that completes leaves both sides with the same key and a listener that accepts the
-/// dialer's confirmation. Returns whether it completed.
+/// handshake that completes leaves both sides with the same key, a listener that accepts the
+/// dialer's confirmation, and a dialer confirmed by the listener's answer to it (PROTOCOL.md
+/// §5.1 step 5). Returns whether it completed.
 pub fn check_handshake(data: &[u8]) -> bool {
     let now = Instant::now();
     let sel = data.first().copied().unwrap_or(0);
@@ -99,6 +100,18 @@ pub fn check_handshake(data: &[u8]) -> bool {
     l.handle_frame(now, ConnId(1), f)
         .expect("confirmation accepted");
     assert!(l.is_confirmed());
+    // §5.1 step 5: the dialer is confirmed only by the listener's answer, which comes at once.
+    assert!(!d.is_confirmed(), "confirmed before the listener answered");
+    let mut answer = BytesMut::new();
+    while let Some(t) = l.poll_transmit(now) {
+        answer.extend_from_slice(&t.to_vec());
+    }
+    assert!(!answer.is_empty(), "the listener answers the confirmation");
+    while let Some(f) = Frame::decode(&mut answer).expect("the listener's frames decode") {
+        d.handle_frame(now, ConnId(1), f)
+            .expect("the listener's answer accepted");
+    }
+    assert!(d.is_confirmed());
     assert_eq!(d.is_secure(), !dsec.insecure_plaintext);
     true
 }

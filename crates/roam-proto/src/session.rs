@@ -585,7 +585,11 @@ impl Associating {
         )
     }
 
-    /// Handle the listener's answer; on success the session is established on `conn`.
+    /// Handle the listener's answer; on success the session runs on `conn`, its first frame
+    /// the `Confirm`. It is established ([`Event::Established`]) once the listener answers
+    /// that `Confirm` (PROTOCOL.md §5.1 step 5); if the connection is lost before, the session
+    /// re-associates at epoch 0, and a `Refuse(unknown session)` (the `Confirm` never arrived)
+    /// fails it with [`SessionError::Refused`].
     pub fn handle(
         self,
         now: Instant,
@@ -636,6 +640,8 @@ impl Associating {
         s.peer_identity = w.identity;
         // Key confirmation for the listener, before any other frame (PROTOCOL.md §5.1 step 4).
         s.first_tx = Some(confirm);
+        // Established once the listener shows it registered the session (§5.1 step 5).
+        s.awaiting_listener = true;
         s.install_link(ProofOfKey(()), now, conn, true);
         Ok(s)
     }
@@ -662,6 +668,12 @@ pub struct Session {
     awaiting_confirm: Option<[u8; 32]>,
     /// Dialing side of an association: the key confirmation to send before anything else.
     first_tx: Option<Frame>,
+    /// Dialing side of an association: the listener has not yet shown that it verified our
+    /// `Confirm` and holds the session (PROTOCOL.md §5.1 step 5). Cleared by the first frame
+    /// it sends on the association's connection, or by a completed re-association (its
+    /// `Accept`). Until then [`Event::Established`] is held back, and `Refuse(unknown
+    /// session)` fails the session: the listener never registered it.
+    awaiting_listener: bool,
     pending: VecDeque<Pending>,
     /// Dialing side: the epoch and key before our last `Accept`, kept until the listener shows
     /// it installed the new connection (any frame on it). If the listener froze before our
@@ -757,6 +769,7 @@ impl Session {
             seal_block: BytesMut::new(),
             awaiting_confirm: None,
             first_tx: None,
+            awaiting_listener: false,
             pending: VecDeque::new(),
             unconfirmed: None,
             dialing: None,
@@ -970,10 +983,11 @@ impl Session {
         self.peer_identity
     }
 
-    /// False on the listening side of an association until the dialer's key confirmation
-    /// arrived (PROTOCOL.md §5.1); true otherwise.
+    /// Whether the association is confirmed (PROTOCOL.md §5.1): false on the listening side
+    /// until the dialer's key confirmation arrived, and on the dialing side until the listener
+    /// answered it (step 5) or a re-association completed; true otherwise.
     pub fn is_confirmed(&self) -> bool {
-        self.awaiting_confirm.is_none()
+        self.awaiting_confirm.is_none() && !self.awaiting_listener
     }
 
     /// Frames sealed and opened on the current connection (its nonce counters), if it is
@@ -1295,8 +1309,14 @@ impl Session {
         if self.link.is_none_or(|l| l.conn != conn) {
             return Ok(());
         }
-        // The peer installed the connection (§5.2).
+        // The peer installed the connection (§5.2), or registered the association (§5.1).
         self.unconfirmed = None;
+        if std::mem::take(&mut self.awaiting_listener) {
+            self.events.push_back(Event::Established {
+                conn,
+                epoch: self.epoch,
+            });
+        }
         let r = self.on_link_frame(now, opened.0);
         if r.is_err() {
             self.lose_link(now, true);
@@ -1314,6 +1334,8 @@ impl Session {
                 return Err(ProtocolViolation("bad association confirmation"));
             }
             self.awaiting_confirm = None;
+            // §5.1 step 5: answer at once; the dialer's connect waits for it.
+            self.ack_now = true;
             return Ok(None);
         }
         if matches!(frame, Frame::Refuse(_)) {
@@ -1623,6 +1645,13 @@ impl Session {
                 self.down_since = None;
                 self.check_closed(now);
             }
+            // Our association's Confirm never reached the listener, so it never registered the
+            // session (PROTOCOL.md §5.1 step 5): nothing to continue.
+            RefuseReason::UnknownSession if self.awaiting_listener => {
+                self.dialing = None;
+                self.events.push_back(Event::CloseConnection(conn));
+                self.fail(SessionError::Refused(reason));
+            }
             // Transient: the peer may be mid-migration itself or at a limit.
             RefuseReason::Busy | RefuseReason::UnknownSession | RefuseReason::Closed => {
                 self.handle_dial_failed(now)
@@ -1820,6 +1849,8 @@ impl Session {
         // ack_in_range checked above, so this cannot fail.
         let _ = self.on_ack(accept.recv);
         self.stats.reassociations += 1;
+        // The Accept shows the listener holds the session (PROTOCOL.md §5.1 step 5).
+        self.awaiting_listener = false;
         self.install_link(ProofOfKey(()), now, conn, true);
         self.unconfirmed = Some(prev);
         Ok(Frame::Confirm(confirm))
@@ -2016,6 +2047,9 @@ impl Session {
         self.promote(p);
         // Range checked in handle_reassoc; acks only grow since.
         let _ = self.on_ack(peer_recv);
+        // A re-association the peer started (after a rebind, §8.1) shows it holds the session
+        // as well as its answer to our association's Confirm would (§5.1 step 5).
+        self.awaiting_listener = false;
         self.install_link(ProofOfKey(()), now, conn, false);
         Ok(())
     }
@@ -2061,10 +2095,12 @@ impl Session {
         self.ack_now = true;
         self.wake_write = true;
         self.wake_read = true;
-        self.events.push_back(Event::Established {
-            conn,
-            epoch: self.epoch,
-        });
+        if !self.awaiting_listener {
+            self.events.push_back(Event::Established {
+                conn,
+                epoch: self.epoch,
+            });
+        }
     }
 
     fn finish_freeze(&mut self) {

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use roam_proto::frame::Moved;
 use roam_proto::{
-    Associating, ConnId, EndpointId, Entropy, ForwardTable, Frame, FrameError, Identity,
-    ImageError, LocalInfo, PeerPolicy, PublicKey, RefuseReason, Security, Session, SessionConfig,
-    SessionId, StreamImage,
+    Associating, ConnId, EndpointId, Entropy, ForwardTable, Frame, FrameError, HandshakeError,
+    Identity, ImageError, LocalInfo, PeerPolicy, PublicKey, RefuseReason, Security, Session,
+    SessionConfig, SessionError, SessionId, StreamImage,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -406,9 +406,19 @@ impl Endpoint {
                 stream: tcp,
                 leftover: buf,
             }),
-            Status::Established,
+            Status::Connecting,
         )
         .ok_or(ConnectError::Collision)?;
+        // PROTOCOL.md §5.1 step 5: the stream is the application's only once the listener has
+        // shown it verified our Confirm (its first frame, or an Accept if the connection was
+        // lost and the session re-associated). A listener that never got the Confirm refuses
+        // the re-association `unknown session`, and the association fails here.
+        wait_established(&self.inner, &stream)
+            .await
+            .map_err(|e| match e {
+                SessionError::Refused(r) => ConnectError::Handshake(HandshakeError::Refused(r)),
+                other => ConnectError::Failed(other),
+            })?;
         self.inner
             .counters
             .associations
@@ -442,24 +452,29 @@ impl Endpoint {
         );
         let stream = start_session(&self.inner, core, None, Status::Connecting)
             .ok_or(ThawError::AlreadyRunning(id))?;
-        let mut status = stream.status();
-        loop {
-            let st = status.borrow_and_update().clone();
-            match st {
-                Status::Established | Status::Closed => return Ok(stream),
-                Status::Failed(e) => {
-                    // Free the id now, not when the driver task next runs, so the caller can
-                    // retry at once (a retry would otherwise see `AlreadyRunning`).
-                    self.inner.unregister(id, &stream.shared);
-                    return Err(e.into());
-                }
-                Status::Connecting | Status::Frozen => {}
+        wait_established(&self.inner, &stream).await?;
+        Ok(stream)
+    }
+}
+
+/// Wait until `stream`'s session is established (or already closed). On failure its id is
+/// freed at once, not when the driver task next runs, so the caller can retry at once (a
+/// thaw would otherwise see `AlreadyRunning`).
+async fn wait_established(inner: &EndpointInner, stream: &Stream) -> Result<(), SessionError> {
+    let mut status = stream.status();
+    loop {
+        let st = status.borrow_and_update().clone();
+        match st {
+            Status::Established | Status::Closed => return Ok(()),
+            Status::Failed(e) => {
+                let id = lock(&stream.shared).core.id();
+                inner.unregister(id, &stream.shared);
+                return Err(e);
             }
-            if status.changed().await.is_err() {
-                return Err(ThawError::Failed(roam_proto::SessionError::TimedOut(
-                    Duration::ZERO,
-                )));
-            }
+            Status::Connecting | Status::Frozen => {}
+        }
+        if status.changed().await.is_err() {
+            return Err(SessionError::TimedOut(Duration::ZERO));
         }
     }
 }

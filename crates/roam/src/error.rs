@@ -40,6 +40,10 @@ pub enum ConnectError {
     /// The session id the peer chose is already in use here (astronomically unlikely).
     #[error("session id collision")]
     Collision,
+    /// The connection was lost before the listener confirmed the association, and the session
+    /// failed while re-associating (PROTOCOL.md §5.1 step 5).
+    #[error("association failed before the listener confirmed it: {0}")]
+    Failed(SessionError),
 }
 
 /// Why [`crate::Endpoint::accept`] returned no stream.

@@ -639,9 +639,10 @@ async fn soak(p: Arc<Params>) -> Rss {
         reset: if kill_mode == "0" { 0.0 } else { 0.002 },
         ..TcpFaults::default()
     };
-    // Faults start once every session is connected (the movers wait for it): a connection cut
-    // during the association handshake can leave a session the acceptor never registered
-    // (RELIABILITY.md, finding 2). `ROAM_SOAK_KILLS=always` injects them from the start.
+    // Faults start once every session is connected (the movers wait for it), so that every
+    // session gets its migrations under kills rather than spending its retries on connects.
+    // `ROAM_SOAK_KILLS=always` injects them from the start (a cut handshake then fails
+    // `connect`, which is retried; RELIABILITY.md finding 2, fixed, was a cut that did not).
     let (connected_tx, connected_rx) = tokio::sync::watch::channel(0usize);
     if kill_mode == "always" {
         relay.set_faults(random_resets);
@@ -708,8 +709,8 @@ async fn soak(p: Arc<Params>) -> Rss {
         tokio::spawn(async move {
             let (mut rounds, mut killed) = (0u64, 0u64);
             if mode != "always" {
-                // Every session connected at A *and* registered at B: `connect` returns before
-                // the acceptor has the dialer's confirmation (finding 2).
+                // Every session connected at A (so registered at B: `connect` returns once B
+                // answered the Confirm, PROTOCOL.md §5.1 step 5) and taken by B's acceptor.
                 let _ = all_connected.wait_for(|c| *c >= n).await;
                 let _ = all_accepted.wait_for(|c| *c >= n as u64).await;
                 relay_faults.set_faults(random_resets);

@@ -6,6 +6,7 @@
 //! thaw, re-association), connection loss and redial, timeouts, closing, and the refusals that
 //! keep a stale or forged re-association out.
 
+mod assoc_confirm;
 mod both_move;
 mod sealed;
 mod util;
