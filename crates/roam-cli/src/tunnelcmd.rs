@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use roam_host::control::{self, Client};
 use roam_host::tunnel::{
@@ -170,8 +170,7 @@ async fn listen(a: ListenArgs) -> Result<(), Failure> {
     };
     crate::hostcmd::shutdown_signal().await;
     run.abort();
-    let open = || client.open();
-    drain(open, a.common.drain).await;
+    drain(client.open(), client.drained(), a.common.drain).await;
     control.abort();
     let _ = std::fs::remove_file(&path);
     finish(client.open(), &client.info())
@@ -195,7 +194,7 @@ async fn serve(a: ServeArgs) -> Result<(), Failure> {
     };
     crate::hostcmd::shutdown_signal().await;
     run.abort();
-    drain(|| server.open(), a.common.drain).await;
+    drain(server.open(), server.drained(), a.common.drain).await;
     control.abort();
     let _ = std::fs::remove_file(&path);
     finish(server.open(), &server.info())
@@ -213,23 +212,16 @@ async fn spawn_control(
     Ok(tokio::spawn(tunnel::serve_control(end, listener)))
 }
 
-/// Wait (bounded) for open connections to end on their own.
-async fn drain(open: impl Fn() -> usize, limit: Duration) {
-    let start = Instant::now();
-    if open() > 0 {
+/// Wait (bounded by `limit`, or cut short by a second Ctrl-C) for the `open` connections to end
+/// on their own; `drained` resolves when none is left.
+async fn drain(open: usize, drained: impl std::future::Future<Output = ()>, limit: Duration) {
+    if open > 0 {
         eprintln!(
-            "roam tunnel: waiting up to {:?} for {} open connection(s) to finish (Ctrl-C again to drop them)",
-            limit,
-            open()
+            "roam tunnel: waiting up to {limit:?} for {open} open connection(s) to finish (Ctrl-C again to drop them)"
         );
     }
-    let wait = async {
-        while open() > 0 && start.elapsed() < limit {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
     tokio::select! {
-        _ = wait => {}
+        _ = tokio::time::timeout(limit, drained) => {}
         _ = tokio::signal::ctrl_c() => {}
     }
 }

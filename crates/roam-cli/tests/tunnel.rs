@@ -367,3 +367,95 @@ fn bad_input_is_a_clear_message_and_a_nonzero_exit() {
         "no tunnel client end",
     );
 }
+
+/// Ctrl-C (SIGINT) on a tunnel end with a connection open: it stops accepting, says it waits,
+/// keeps carrying the open connection, and exits 0 as soon as that connection ends — long before
+/// its `--drain` limit (60 s here; the test gives up after 20 s).
+#[test]
+fn ctrl_c_finishes_open_connections_then_exits() {
+    use common::programs::{lines, wait_line};
+    use std::io::{BufRead, BufReader};
+    let state = tempfile::tempdir().unwrap();
+    let mut procs = Procs(Vec::new());
+    // The real server: echoes every line (the tunnel ends' start-up checks connect too).
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let forward = upstream.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in upstream.incoming().take(16).map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                for line in BufReader::new(s).lines().map_while(Result::ok) {
+                    if writeln!(w, "{line}").is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let serve = format!("127.0.0.46:{}", free_port("127.0.0.46"));
+    tunnel(
+        &mut procs,
+        Command::new(ROAM),
+        state.path(),
+        &["serve", "--listen", &serve, "--forward", &forward],
+    );
+    let local = format!("127.0.0.46:{}", free_port("127.0.0.46"));
+    let mut client = Command::new(ROAM)
+        .args(["tunnel", "listen", "--local", &local, "--to-peer", &serve])
+        .args(["--drain", "60s", "--state-dir"])
+        .arg(state.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(client.stdout.take().unwrap());
+    let err = lines(client.stderr.take().unwrap());
+    if let Err(e) = wait_line(&out, "ready", Duration::from_secs(30)) {
+        let said: Vec<String> = err.try_iter().collect();
+        panic!("roam tunnel listen did not start: {e}; stderr: {said:?}");
+    }
+
+    let mut conn = std::net::TcpStream::connect(&local).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut echo = BufReader::new(conn.try_clone().unwrap());
+    let mut ask = |what: &str| {
+        writeln!(conn, "{what}").unwrap();
+        let mut got = String::new();
+        echo.read_line(&mut got).unwrap();
+        assert_eq!(got.trim_end(), what);
+    };
+    ask("before the signal");
+
+    let pid = client.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_line(
+        &err,
+        "for 1 open connection(s) to finish",
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    // Still carried while the end drains.
+    ask("during the drain");
+    drop(ask);
+    drop(echo);
+    conn.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(conn);
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(client.wait());
+    });
+    let status = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the tunnel end should exit once its last connection ended, not at --drain")
+        .unwrap();
+    assert!(status.success(), "exit: {status}");
+    let said = wait_line(&err, "carried", Duration::from_secs(5)).unwrap();
+    assert!(said.contains("carried 1 connection(s)"), "{said}");
+}

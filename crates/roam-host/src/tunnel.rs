@@ -16,7 +16,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ use roam::{Endpoint, EndpointConfig, Stream, StreamMonitor};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::sync::watch;
 
 use crate::api::ApiError;
 
@@ -141,20 +142,27 @@ struct Shared {
     next: AtomicU64,
     carried: AtomicU64,
     refused: AtomicU64,
-    open: AtomicUsize,
+    /// Connections carried now; a watch so shutdown can wait for it to reach zero.
+    open: watch::Sender<usize>,
 }
 
 impl Shared {
     fn add(&self, live: Live) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         lock(&self.live).push((id, live));
-        self.open.fetch_add(1, Ordering::Relaxed);
+        self.open.send_modify(|n| *n += 1);
         id
     }
 
     fn remove(&self, id: u64) {
         lock(&self.live).retain(|(i, _)| *i != id);
-        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.open.send_modify(|n| *n = n.saturating_sub(1));
+    }
+
+    async fn drained(&self) {
+        let mut open = self.open.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = open.wait_for(|n| *n == 0).await;
     }
 
     fn sessions(&self) -> Vec<TunnelSession> {
@@ -349,7 +357,7 @@ impl TunnelClient {
             .map_err(|e| ApiError::new("bad_request", format!("cannot rebind to {to}: {e}")))?;
         Ok(RebindAnswer {
             endpoint,
-            sessions: self.shared.open.load(Ordering::Relaxed),
+            sessions: *self.shared.open.borrow(),
         })
     }
 
@@ -366,7 +374,12 @@ impl TunnelClient {
 
     /// Connections carried now.
     pub fn open(&self) -> usize {
-        self.shared.open.load(Ordering::Relaxed)
+        *self.shared.open.borrow()
+    }
+
+    /// Resolves once no connection is carried (at once if none is).
+    pub async fn drained(&self) {
+        self.shared.drained().await
     }
 }
 
@@ -510,7 +523,12 @@ impl TunnelServer {
 
     /// Connections carried now.
     pub fn open(&self) -> usize {
-        self.shared.open.load(Ordering::Relaxed)
+        *self.shared.open.borrow()
+    }
+
+    /// Resolves once no connection is carried (at once if none is).
+    pub async fn drained(&self) {
+        self.shared.drained().await
     }
 }
 
