@@ -442,7 +442,6 @@ fn ctrl_c_finishes_open_connections_then_exits() {
     .unwrap();
     // Still carried while the end drains.
     ask("during the drain");
-    drop(ask);
     drop(echo);
     conn.shutdown(std::net::Shutdown::Both).unwrap();
     drop(conn);
