@@ -43,8 +43,10 @@ const LABEL_REASSOC: &[u8] = b"roam/v1/reassoc";
 const LABEL_ACCEPT: &[u8] = b"roam/v1/accept";
 const LABEL_CONFIRM: &[u8] = b"roam/v1/confirm";
 const LABEL_ASSOC_CONFIRM: &[u8] = b"roam/v1/assoc-confirm";
-/// Sealed frames are encrypted into blocks of at least this size, split off one per frame
-/// (a block is reused once every frame in it was written).
+/// Sealed frames are encrypted into blocks split off one per frame (a block is reused once every
+/// frame in it was written). A block is sized to the frame and the data waiting behind it, at
+/// most this much, and a session quiet for a keepalive interval lets go of its block: a session
+/// that sends little, or has gone idle, holds no large buffer.
 const SEAL_BLOCK: usize = 256 * 1024;
 
 /// Tunable limits and timers of a session. [`Default`] gives the documented defaults.
@@ -312,15 +314,22 @@ impl Transmit {
     }
 
     /// `t` sealed under `traffic` (PROTOCOL.md §3.1): the header of a `Sealed` frame, and its
-    /// body (inner frame encrypted in place in `block`, then the tag) as the payload.
-    fn sealed(t: &Transmit, traffic: &mut Traffic, block: &mut BytesMut) -> Option<Transmit> {
+    /// body (inner frame encrypted in place in `block`, then the tag) as the payload. A new
+    /// block, if one is needed, has room for `more` bytes after this frame (at most
+    /// [`SEAL_BLOCK`] in all).
+    fn sealed(
+        t: &Transmit,
+        traffic: &mut Traffic,
+        block: &mut BytesMut,
+        more: usize,
+    ) -> Option<Transmit> {
         let body_len = t.len() + TAG_LEN;
         let mut header = [0u8; 32];
         header[0] = kind::SEALED;
         // Inner frames are bounded by MAX_FRAME_BODY, so the length fits in a u32.
         header[1..HEADER_LEN].copy_from_slice(&(body_len as u32).to_be_bytes());
         if block.capacity() < body_len {
-            block.reserve(body_len.max(SEAL_BLOCK));
+            block.reserve(body_len.max(body_len.saturating_add(more).min(SEAL_BLOCK)));
         }
         block.extend_from_slice(t.header());
         block.extend_from_slice(&t.payload);
@@ -2167,11 +2176,19 @@ impl Session {
         }
         let t = self.next_transmit(now)?;
         if let Some(l) = self.link.as_mut() {
+            if now.saturating_duration_since(l.last_tx) >= self.config.keepalive_interval {
+                // Quiet for a keepalive interval (this is a keepalive, or the first frame after
+                // one): let go of the block, which may be a bulk transfer's 256 KiB (the frames
+                // cut from it keep it alive until written). A new one fits this frame.
+                self.seal_block = BytesMut::new();
+            }
             l.last_tx = now;
         }
+        // Data still to send after this frame (frames and tags add a little more).
+        let more = usize::try_from(self.tx_written().since(self.tx_next)).unwrap_or(usize::MAX);
         match self.traffic.as_mut() {
             None => Some(t),
-            Some(traffic) => match Transmit::sealed(&t, traffic, &mut self.seal_block) {
+            Some(traffic) => match Transmit::sealed(&t, traffic, &mut self.seal_block, more) {
                 Some(t) => Some(t),
                 None => {
                     // 2^64 frames on one connection: start a fresh one (fresh keys).
