@@ -51,15 +51,26 @@ use tokio::sync::Semaphore;
 /// Sessions' `session_timeout`.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(20);
 /// Largest growth of VmRSS over the last two rounds of `soak_memory_levels_off`, per session of
-/// a round (32 MiB for 1,000 sessions).
-const RSS_TOLERANCE_KIB_PER_SESSION: u64 = 32;
+/// a round (64 MiB for 1,000 sessions; with finding 3 it grew 133 MiB there).
+const RSS_TOLERANCE_KIB_PER_SESSION: u64 = 64;
 /// Largest growth of the live heap from the first round's end to any later round's end in
 /// `soak_memory_levels_off` (about 1 KiB per session of a 1,000-session round).
 const HEAP_TOLERANCE_KIB: u64 = 1024;
 
-/// The tests of this file run one at a time: `soak_memory_levels_off` counts the whole
-/// process's heap and descriptors, which another soak running alongside would change.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The tests of this file run one at a time, each on its own runtime, built once the other's is
+/// gone: `soak_memory_levels_off` counts the whole process's heap and descriptors, which
+/// another soak (or its runtime's threads and descriptors) alongside would change.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Run `test` on a multi-threaded runtime of its own, no other test of this file running.
+fn alone<F: std::future::Future>(test: F) -> F::Output {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(test)
+}
 
 /// The system allocator, counting bytes allocated and freed (`soak_memory_levels_off`).
 #[global_allocator]
@@ -75,6 +86,24 @@ fn heap_kib() -> u64 {
 /// Open file descriptors of this process (0 where /proc is unavailable).
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// What each open file descriptor is (`socket:[…]`, `anon_inode:[eventpoll]`, a path), for
+/// failure messages.
+fn fd_targets() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let t = std::fs::read_link(e.path()).ok()?;
+        Some(format!(
+            "{}→{}",
+            e.file_name().to_string_lossy(),
+            t.display()
+        ))
+    })
+    .collect()
 }
 /// Upper bound of the whole soak (default mode); long mode gets 4×.
 const SOAK_TIMEOUT: Duration = Duration::from_secs(300);
@@ -575,9 +604,12 @@ async fn dgram_pair(pair: u32, p_: Arc<Params>) -> Result<DgramResult, String> {
     })
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn soak_sessions_migrate_under_kills_and_loss_and_lose_nothing() {
-    let _alone = ONE_AT_A_TIME.lock().await;
+#[test]
+fn soak_sessions_migrate_under_kills_and_loss_and_lose_nothing() {
+    alone(soak_sessions());
+}
+
+async fn soak_sessions() {
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -625,17 +657,21 @@ async fn soak_sessions_migrate_under_kills_and_loss_and_lose_nothing() {
 ///   are the runtime's live tasks and the open file descriptors;
 /// - **the footprint levels off**: VmRSS, which includes what the allocator keeps for reuse,
 ///   grows over the first rounds and then stays level: it may grow at most
-///   [`RSS_TOLERANCE_KIB_PER_SESSION`] per session (32 MiB) over the last two of 6 rounds.
+///   [`RSS_TOLERANCE_KIB_PER_SESSION`] per session (64 MiB) over the last two of 6 rounds
+///   (load on the machine moves the level it settles at by some tens of MiB).
 ///
-/// Finding 3 (RELIABILITY.md): VmRSS grew by about 100 MiB per round (84, 185, 312, 411 MiB,
-/// then on to 685 MiB after 12 rounds) although the live heap was back at ~100 KiB after every
-/// round: every session cut its sealed frames from a 256 KiB block and kept it while idle,
-/// and the allocator's free memory, touched at different places each round, stayed resident
-/// (`malloc_trim` gave it back: 9 MiB). Blocks are now sized to the data waiting to be sent
-/// and released when a session has nothing more to send: 80, 184, 222, 235, 239, 241 MiB.
-#[tokio::test(flavor = "multi_thread")]
-async fn soak_memory_levels_off() {
-    let _alone = ONE_AT_A_TIME.lock().await;
+/// Finding 3 (RELIABILITY.md): VmRSS grew by about 100 MiB per round (83, 184, 310, 403, 478,
+/// 536 MiB, and on to 669 after 12 rounds) although the live heap was back at 71 KiB after
+/// every round: every session cut its sealed frames from a 256 KiB block, and the allocator's
+/// free memory, touched at different places each round, stayed resident (`malloc_trim` gave
+/// it back: 9 MiB). Blocks are now sized to the data waiting to be sent, at most 256 KiB, and
+/// let go of after a keepalive interval without sending: 76, 185, 217, 232, 232, 232 MiB.
+#[test]
+fn soak_memory_levels_off() {
+    alone(soak_memory());
+}
+
+async fn soak_memory() {
     let mut sessions = env_num("ROAM_SOAK_SESSIONS").map_or(1000, |v| v as usize);
     if let Some(limit) = nofile_limit() {
         // 4 descriptors per session, plus the endpoints and some slack.
@@ -658,6 +694,7 @@ async fn soak_memory_levels_off() {
     let rounds = env_num("ROAM_SOAK_MEMORY_ROUNDS").map_or(6, |v| v.max(3) as usize);
     let metrics = tokio::runtime::Handle::current().metrics();
     let (tasks_before, fds_before) = (metrics.num_alive_tasks(), open_fds());
+    let fds_at_start = fd_targets();
     let mut rss = Vec::new();
     let mut heap = Vec::new();
     for round in 1..=rounds {
@@ -683,7 +720,8 @@ async fn soak_memory_levels_off() {
         assert!(
             tasks <= tasks_before && fds <= fds_before,
             "round {round} left {tasks} tasks (before: {tasks_before}) and {fds} descriptors \
-             (before: {fds_before})"
+             (before: {fds_before}): {:?}, before {fds_at_start:?}",
+            fd_targets()
         );
     }
     println!("soak: VmRSS after each round {rss:?} KiB; live heap {heap:?} KiB");
