@@ -60,7 +60,7 @@ fn redis_server(procs: &mut Procs) -> u16 {
 }
 
 /// redis through the tunnel while the fault relay between the tunnel ends kills every roam
-/// connection again and again: every command is answered, no client sees a connection error,
+/// connection again and again, and stalls them now and then: every command is answered, no client sees a connection error,
 /// and the server holds exactly what was written.
 #[test]
 fn redis_through_a_tunnel_whose_connection_is_killed_repeatedly() {
@@ -108,19 +108,25 @@ fn redis_through_a_tunnel_whose_connection_is_killed_repeatedly() {
     );
     let (host, port) = local.split_once(':').unwrap();
 
-    // The killer: every 150 ms, for as long as the clients run (bounded).
+    // The fault schedule: every 150 ms, for as long as the clients run (bounded), kill every
+    // roam connection; every fourth time stall them for 400 ms instead (bytes held, windows
+    // fill up, nothing closes).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let kills = {
         let stop = stop.clone();
         let relay = relay.clone();
         std::thread::spawn(move || {
             let mut kills = 0;
-            for _ in 0..2000 {
+            for round in 0..2000 {
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(150));
-                kills += relay.kill_all();
+                if round % 4 == 3 {
+                    relay.stall(Duration::from_millis(400));
+                } else {
+                    kills += relay.kill_all();
+                }
             }
             kills
         })
@@ -175,6 +181,11 @@ fn redis_through_a_tunnel_whose_connection_is_killed_repeatedly() {
         kills >= 3,
         "the relay killed only {kills} connections: the test proved nothing"
     );
+    let stalls = relay.stats().stalls;
+    assert!(
+        stalls >= 1,
+        "the relay stalled no connection: the test proved nothing"
+    );
 
     // 3. The data set on the server, asked directly (not through the tunnel).
     let direct = |args: &[&str]| {
@@ -195,7 +206,7 @@ fn redis_through_a_tunnel_whose_connection_is_killed_repeatedly() {
         .parse()
         .unwrap();
     assert_eq!(keys, N);
-    eprintln!("redis through the tunnel: {N} SETs and a benchmark answered through {kills} killed connections");
+    eprintln!("redis through the tunnel: {N} SETs and a benchmark answered through {kills} killed connections and {stalls} stalls");
 }
 
 /// A psql session through the tunnel survives the tunnel client end changing its address
