@@ -379,16 +379,10 @@ fn bad_input_is_a_clear_message_and_a_nonzero_exit() {
     );
 }
 
-/// Ctrl-C (SIGINT) on a tunnel end with a connection open: it stops accepting, says it waits,
-/// keeps carrying the open connection, and exits 0 as soon as that connection ends — long before
-/// its `--drain` limit (60 s here; the test gives up after 20 s).
-#[test]
-fn ctrl_c_finishes_open_connections_then_exits() {
-    use common::programs::{lines, wait_line};
+/// A real server for the tunnel to forward to: echoes every line, on a thread per connection
+/// (at most 16 connections: the tunnel ends' start-up checks connect too). Its address.
+fn line_echo_server() -> String {
     use std::io::{BufRead, BufReader};
-    let state = tempfile::tempdir().unwrap();
-    let mut procs = Procs(Vec::new());
-    // The real server: echoes every line (the tunnel ends' start-up checks connect too).
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let forward = upstream.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
@@ -403,6 +397,78 @@ fn ctrl_c_finishes_open_connections_then_exits() {
             });
         }
     });
+    forward
+}
+
+/// The roam connection that would carry a new local connection is reset in the middle of the
+/// association handshake (by the relay, after 40 bytes): the tunnel client end opens another
+/// session, and the local program never notices.
+#[test]
+fn a_session_cut_mid_handshake_is_opened_again_and_the_program_never_notices() {
+    use std::io::{BufRead, BufReader};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let mut procs = Procs(Vec::new());
+    let forward = line_echo_server();
+    let serve: SocketAddr = format!("127.0.0.45:{}", free_port("127.0.0.45"))
+        .parse()
+        .unwrap();
+    let relay = rt
+        .block_on(roam_testkit::Relay::start(
+            "127.0.0.45:0".parse().unwrap(),
+            serve,
+        ))
+        .unwrap();
+    let relay_addr = relay.local_addr().to_string();
+    tunnel(
+        &mut procs,
+        Command::new(ROAM),
+        state.path(),
+        &[
+            "serve",
+            "--listen",
+            &serve.to_string(),
+            "--forward",
+            &forward,
+            "--advertise",
+            &relay_addr,
+        ],
+    );
+    let local = format!("127.0.0.45:{}", free_port("127.0.0.45"));
+    tunnel(
+        &mut procs,
+        Command::new(ROAM),
+        state.path(),
+        &["listen", "--local", &local, "--to-peer", &relay_addr],
+    );
+    for round in 0..3 {
+        // The next connection through the relay dies 40 bytes in: inside the dialer's Hello.
+        relay.kill_after_bytes(40);
+        let killed = relay.stats().killed;
+        let mut conn = std::net::TcpStream::connect(&local).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        writeln!(conn, "round {round}").unwrap();
+        let mut got = String::new();
+        BufReader::new(&conn).read_line(&mut got).unwrap();
+        assert_eq!(got.trim_end(), format!("round {round}"));
+        assert!(
+            relay.stats().killed > killed,
+            "the relay killed no handshake: the test proved nothing"
+        );
+    }
+}
+
+/// Ctrl-C (SIGINT) on a tunnel end with a connection open: it stops accepting, says it waits,
+/// keeps carrying the open connection, and exits 0 as soon as that connection ends — long before
+/// its `--drain` limit (60 s here; the test gives up after 20 s).
+#[test]
+fn ctrl_c_finishes_open_connections_then_exits() {
+    use common::programs::{lines, wait_line};
+    use std::io::{BufRead, BufReader};
+    let state = tempfile::tempdir().unwrap();
+    let mut procs = Procs(Vec::new());
+    let forward = line_echo_server();
     let serve = format!("127.0.0.46:{}", free_port("127.0.0.46"));
     tunnel(
         &mut procs,

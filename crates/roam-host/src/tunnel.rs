@@ -37,6 +37,8 @@ const OK: u8 = 0;
 const REFUSED: u8 = 1;
 /// How long the first bytes of a tunnel stream may take.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts to open a session before a local connection is given up (within `HEADER_TIMEOUT`).
+const CONNECT_ATTEMPTS: u32 = 8;
 
 /// Why a tunnel end could not start or failed.
 #[derive(Debug, thiserror::Error)]
@@ -303,13 +305,33 @@ impl TunnelClient {
         }
     }
 
+    /// A new session to the peer tunnel. A transport failure before the association exists
+    /// (the first connection reset or refused mid-handshake) is retried with backoff: nothing
+    /// of the local program's has been read yet, so a fresh attempt is safe. The caller bounds
+    /// the whole by `HEADER_TIMEOUT`; other failures (the peer's identity, a non-roam peer)
+    /// are final.
+    async fn connect(&self) -> Result<Stream, String> {
+        let mut backoff = Duration::from_millis(10);
+        for _ in 0..CONNECT_ATTEMPTS - 1 {
+            match self.endpoint.connect(self.to).await {
+                Ok(s) => return Ok(s),
+                Err(roam::ConnectError::Io(e)) => {
+                    tracing::debug!(error = %e, ?backoff, "connection to the peer tunnel failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        self.endpoint
+            .connect(self.to)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     async fn carry(&self, tcp: TcpStream, from: SocketAddr) {
         let opened = async {
-            let mut s = self
-                .endpoint
-                .connect(self.to)
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut s = self.connect().await?;
             s.write_all(&[KIND_TUNNEL])
                 .await
                 .map_err(|e| e.to_string())?;
