@@ -1,4 +1,4 @@
-//! Sealed frames (ChaCha20-Poly1305) mutated on the wire: never a panic, and never a delivered
+//! Sealed frames (AES-256-GCM or ChaCha20-Poly1305) mutated on the wire: never a panic, and never a delivered
 //! byte that differs from what was written.
 #![no_main]
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use roam_proto::{
     Associating, ConnId, EndpointId, Entropy, Frame, Identity, LocalInfo, PeerPolicy, PreSharedKey,
-    Security, Session, SessionConfig, SessionId,
+    Security, Session, SessionConfig, SessionId, Suite,
 };
 
 fn local(n: u8) -> LocalInfo {
@@ -52,18 +52,37 @@ fn settings(sel: u8, me: u8, other: u8) -> Security {
     s.with_insecure_plaintext(sel & 8 != 0)
 }
 
-/// An association handshake with identities: `data[0]` picks both sides' settings, the rest is
-/// XORed into the encoded `Hello` (first half) and `Welcome` (second half). Never a panic; a
-/// handshake that completes leaves both sides with the same key, a listener that accepts the
-/// dialer's confirmation, and a dialer confirmed by the listener's answer to it (PROTOCOL.md
-/// §5.1 step 5). Returns whether it completed.
+/// The AEAD suites a selector (two bits) picks: both orders of both, or one alone.
+fn suites(sel: u8) -> Vec<Suite> {
+    match sel & 3 {
+        0 => vec![Suite::Aes256Gcm, Suite::ChaCha20Poly1305],
+        1 => vec![Suite::ChaCha20Poly1305, Suite::Aes256Gcm],
+        2 => vec![Suite::Aes256Gcm],
+        _ => vec![Suite::ChaCha20Poly1305],
+    }
+}
+
+/// An association handshake with identities: `data[0]` picks both sides' settings, `data[1]`
+/// both sides' suite lists, the rest is XORed into the encoded `Hello` (first half) and
+/// `Welcome` (second half). Never a panic; a handshake that completes leaves both sides with
+/// the same key and the same suite — the one the unaltered offer and choice give (a downgrade
+/// on the path never completes) —, a listener that accepts the dialer's confirmation, and a
+/// dialer confirmed by the listener's answer to it (PROTOCOL.md §5.1 step 5). Returns whether
+/// it completed.
 pub fn check_handshake(data: &[u8]) -> bool {
     let now = Instant::now();
     let sel = data.first().copied().unwrap_or(0);
-    let rest = data.get(1..).unwrap_or(&[]);
+    let suite_sel = data.get(1).copied().unwrap_or(0);
+    let rest = data.get(2..).unwrap_or(&[]);
     let (hmask, wmask) = rest.split_at(rest.len() / 2);
-    let dsec = settings(sel & 0x0f, 1, 2);
-    let lsec = settings(sel >> 4, 2, 1);
+    let dsec = settings(sel & 0x0f, 1, 2).with_suites(suites(suite_sel));
+    let lsec = settings(sel >> 4, 2, 1).with_suites(suites(suite_sel >> 2));
+    // The dialer's first preference the listener also accepts.
+    let expected = dsec
+        .suites
+        .iter()
+        .copied()
+        .find(|s| lsec.suites.contains(s));
     let (assoc, hello) = Associating::with_security(local(2), &ent(3), &dsec);
     let mut hb = hello.to_bytes().to_vec();
     xor(&mut hb[5..], hmask);
@@ -113,20 +132,33 @@ pub fn check_handshake(data: &[u8]) -> bool {
     }
     assert!(d.is_confirmed());
     assert_eq!(d.is_secure(), !dsec.insecure_plaintext);
+    assert_eq!(Some(d.suite()), expected, "suite not the one negotiated");
+    assert_eq!(d.suite(), l.suite());
     true
 }
 
-/// Sealed frames on an established pair: `data[0..2]` sizes a payload the dialer writes, the
-/// rest is XORed into the wire bytes after the confirmation. Never a panic, and the listener
-/// never delivers a byte that differs from what was written: it delivers a prefix or drops the
-/// connection. Returns how many bytes it delivered.
+/// Sealed frames on an established pair: `data[0..2]` sizes a payload the dialer writes (and
+/// its parity picks the suite: even AES-256-GCM, odd ChaCha20-Poly1305), the rest is XORed
+/// into the wire bytes after the confirmation. Never a panic, and the listener never delivers
+/// a byte that differs from what was written: it delivers a prefix or drops the connection.
+/// Returns how many bytes it delivered.
 pub fn check_sealed(data: &[u8]) -> usize {
     let now = Instant::now();
-    let (assoc, hello) = Associating::new(local(2), &ent(3));
-    let Frame::Hello(h) = hello else {
-        unreachable!("Associating::new returns a Hello")
+    let n = match data {
+        [a, b, ..] => usize::from(u16::from_be_bytes([*a, *b])) % 200_000,
+        _ => 1000,
     };
-    let (mut l, welcome) = Session::accept_hello(
+    let suite = if n % 2 == 0 {
+        Suite::Aes256Gcm
+    } else {
+        Suite::ChaCha20Poly1305
+    };
+    let sec = Security::new().with_suites([suite]);
+    let (assoc, hello) = Associating::with_security(local(2), &ent(3), &sec);
+    let Frame::Hello(h) = hello else {
+        unreachable!("Associating::with_security returns a Hello")
+    };
+    let (mut l, welcome) = Session::accept_hello_with(
         now,
         ConnId(1),
         &h,
@@ -134,6 +166,7 @@ pub fn check_sealed(data: &[u8]) -> usize {
         local(4),
         &ent(5),
         SessionConfig::default(),
+        &Security::new(),
     )
     .expect("a genuine hello");
     let mut d = assoc
@@ -146,10 +179,7 @@ pub fn check_sealed(data: &[u8]) -> usize {
         Frame::decode_exact(&confirm.to_vec()).unwrap(),
     )
     .expect("confirmation accepted");
-    let n = match data {
-        [a, b, ..] => usize::from(u16::from_be_bytes([*a, *b])) % 200_000,
-        _ => 1000,
-    };
+    assert_eq!(l.suite(), suite);
     let payload: Vec<u8> = (0..n).map(|i| (i * 7 + 3) as u8).collect();
     let mut written = 0;
     while written < payload.len() {

@@ -1,8 +1,8 @@
 //! Authenticated encryption of datagram-socket `Data` packets (PROTOCOL.md §10.3): per-direction
-//! ChaCha20-Poly1305 keys derived from the association key, nonces from a per-direction packet
+//! keys of the association's suite (AES-256-GCM or ChaCha20-Poly1305) derived from its key, nonces from a per-direction packet
 //! counter carried in the packet, and the sliding window of counters received.
 //!
-//! The primitives are `ring`'s ChaCha20-Poly1305 ([`AeadKey`]) and RustCrypto's `hkdf` and
+//! The primitives are `ring`'s AEADs ([`AeadKey`]) and RustCrypto's `hkdf` and
 //! `sha2`; this file only names the labels and the layout.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -11,6 +11,7 @@ use sha2::Sha256;
 
 pub(crate) use crate::crypto::TAG_LEN;
 use crate::crypto::{AeadKey, SessionKey};
+use crate::secure::Suite;
 use crate::types::SocketId;
 
 /// Packets are sealed into slices of one block of this size (a new block when the rest is too
@@ -19,19 +20,19 @@ const SEAL_BLOCK: usize = 64 * 1024;
 
 const LABEL_DATA_KEY: &[u8] = b"roam/v1/dgram-data";
 
-/// The key `sender` encrypts its `Data` packets with on an association keyed `key`:
+/// The `suite` key `sender` encrypts its `Data` packets with on an association keyed `key`:
 /// `HKDF-SHA256(salt = "roam/v1/dgram-data", ikm = key, info = "roam/v1/dgram-data" | sender)`.
 /// The two ends' socket ids differ, so the two directions have different keys.
-pub(crate) fn data_cipher(key: &SessionKey, sender: SocketId) -> AeadKey {
+pub(crate) fn data_cipher(suite: Suite, key: &SessionKey, sender: SocketId) -> AeadKey {
     let hk = Hkdf::<Sha256>::new(Some(LABEL_DATA_KEY), &key.0);
     let mut okm = [0u8; 32];
     // 32 bytes is far below HKDF-SHA256's 255*32 limit, so expand cannot fail.
     hk.expand_multi_info(&[LABEL_DATA_KEY, &sender.0], &mut okm)
         .expect("32-byte HKDF output");
-    AeadKey::new(&okm)
+    AeadKey::new(suite, &okm)
 }
 
-/// `header | ChaCha20-Poly1305(payload) | tag`, the header being the associated data and the
+/// `header | AEAD(payload) | tag`, the header being the associated data and the
 /// nonce four zero bytes then `counter` big-endian. The packet is cut from `block`.
 pub(crate) fn seal(
     cipher: &AeadKey,
@@ -138,14 +139,20 @@ mod tests {
     fn sealed_data_opens_only_unaltered_under_the_senders_key() {
         let k = SessionKey([7; 32]);
         let (a, b) = (SocketId([1; 16]), SocketId([2; 16]));
-        let tx = data_cipher(&k, a);
+        let tx = data_cipher(Suite::ChaCha20Poly1305, &k, a);
         let header = [0x42, 1, 2, 3];
         let mut block = BytesMut::new();
         let p = seal(&tx, 5, &header, b"secret payload", &mut block);
         assert!(!p.windows(6).any(|w| w == b"secret"), "not in clear");
         let sealed = p.slice(header.len()..);
         assert_eq!(
-            open(&data_cipher(&k, a), 5, &header, sealed.clone()).as_deref(),
+            open(
+                &data_cipher(Suite::ChaCha20Poly1305, &k, a),
+                5,
+                &header,
+                sealed.clone()
+            )
+            .as_deref(),
             Some(&b"secret payload"[..])
         );
         // A uniquely owned packet is opened in place.
@@ -155,7 +162,21 @@ mod tests {
             Some(&b"secret payload"[..])
         );
         // The other direction's key, another counter, another header, a flipped bit: refused.
-        assert!(open(&data_cipher(&k, b), 5, &header, sealed.clone()).is_none());
+        assert!(open(
+            &data_cipher(Suite::ChaCha20Poly1305, &k, b),
+            5,
+            &header,
+            sealed.clone()
+        )
+        .is_none());
+        // The other suite's key from the same secret: refused.
+        assert!(open(
+            &data_cipher(Suite::Aes256Gcm, &k, a),
+            5,
+            &header,
+            sealed.clone()
+        )
+        .is_none());
         assert!(open(&tx, 6, &header, sealed.clone()).is_none());
         assert!(open(&tx, 5, &[0x42, 1, 2, 4], sealed.clone()).is_none());
         for i in 0..sealed.len() {

@@ -1,32 +1,43 @@
 //! Key agreement and proofs of key possession (PROTOCOL.md §5).
 //!
-//! X25519 for key agreement, HKDF-SHA256 for key derivation, HMAC-SHA256 for proofs,
-//! ChaCha20-Poly1305 (RFC 8439) for frame and image encryption (PROTOCOL.md §3.1, §7.1). The
-//! AEAD is `ring`'s (assembly with SIMD); the rest is from the RustCrypto / dalek crates.
+//! X25519 for key agreement, HKDF-SHA256 for key derivation, HMAC-SHA256 for proofs, the
+//! negotiated [`Suite`] (AES-256-GCM or ChaCha20-Poly1305) for frames and datagrams, and
+//! ChaCha20-Poly1305 (RFC 8439) for images (PROTOCOL.md §3.1, §7.1). The AEADs are `ring`'s
+//! (assembly with AES-NI/VAES or SIMD); the rest is from the RustCrypto / dalek crates.
 //! Nothing here is hand-rolled beyond the labels and the layout.
 
 use std::fmt;
 
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
-use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
 use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::frame::MAC_LEN;
+use crate::secure::Suite;
 use crate::types::Epoch;
 
-/// Size of a ChaCha20-Poly1305 tag.
+/// Size of an AEAD tag (both suites).
 pub(crate) const TAG_LEN: usize = 16;
 
-/// A ChaCha20-Poly1305 key (RFC 8439) with explicit 96-bit nonces `0u32 || counter u64`
+/// Bytes one AES-256-GCM direction key seals on a connection before the connection is replaced
+/// (fresh keys): 2^36 (64 GiB), below the 2^38.5 bytes TLS 1.3 allows an AES-GCM key (RFC 8446
+/// §5.5). ChaCha20-Poly1305 has no practical limit (only the 2^64 frame counter).
+pub(crate) const AES_GCM_BYTES_PER_KEY: u64 = 1 << 36;
+
+/// An AEAD key of one [`Suite`] with explicit 96-bit nonces `0u32 || counter u64`
 /// (big-endian). The caller guarantees that a counter is never used twice under one key.
 pub(crate) struct AeadKey(LessSafeKey);
 
 impl AeadKey {
-    pub(crate) fn new(key: &[u8; 32]) -> AeadKey {
-        // A 32-byte key is exactly what CHACHA20_POLY1305 takes, so this cannot fail.
-        let k = UnboundKey::new(&CHACHA20_POLY1305, key).expect("32-byte ChaCha20 key");
+    pub(crate) fn new(suite: Suite, key: &[u8; 32]) -> AeadKey {
+        let alg = match suite {
+            Suite::ChaCha20Poly1305 => &CHACHA20_POLY1305,
+            Suite::Aes256Gcm => &AES_256_GCM,
+        };
+        // Both algorithms take exactly a 32-byte key, so this cannot fail.
+        let k = UnboundKey::new(alg, key).expect("32-byte AEAD key");
         AeadKey(LessSafeKey::new(k))
     }
 
@@ -38,12 +49,13 @@ impl AeadKey {
 
     /// Encrypt `buf` in place under nonce `counter`, authenticating `aad`; the tag.
     pub(crate) fn seal(&self, counter: u64, aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
-        // ring refuses only plaintexts beyond ChaCha20's 256 GiB per-nonce limit; every caller
-        // seals less than MAX_FRAME_BODY (or an image, or a datagram).
+        // ring refuses only plaintexts beyond the per-nonce limits (64 GiB for AES-GCM, 256 GiB
+        // for ChaCha20); every caller seals less than MAX_FRAME_BODY (or an image, or a
+        // datagram).
         let tag = self
             .0
             .seal_in_place_separate_tag(Self::nonce(counter), Aad::from(aad), buf)
-            .expect("plaintext far below the ChaCha20 limit");
+            .expect("plaintext far below the AEAD per-message limits");
         let mut t = [0u8; TAG_LEN];
         t.copy_from_slice(tag.as_ref());
         t
@@ -147,16 +159,20 @@ pub(crate) fn initial_key(ikm: &[&[u8]], hello: &[u8], welcome_signed: &[u8]) ->
     expand(b"roam/v1/associate", &ikm.concat(), &th)
 }
 
-/// One connection's frame protection (PROTOCOL.md §3.1): a ChaCha20-Poly1305 key per direction,
-/// derived from the epoch's session key, and a frame counter per direction as the nonce.
+/// One connection's frame protection (PROTOCOL.md §3.1): a key of the session's suite per
+/// direction, derived from the epoch's session key, and a frame counter per direction as the
+/// nonce.
 pub(crate) struct Traffic {
     tx: AeadKey,
     rx: AeadKey,
     tx_count: u64,
     rx_count: u64,
+    /// Plaintext bytes this direction key may still seal (the suite's usage limit).
+    tx_budget: u64,
 }
 
-/// The frame counter ran out (2^64 frames on one connection: unreachable in practice).
+/// This connection's send key is used up: 2^64 frames, or the suite's byte limit
+/// ([`AES_GCM_BYTES_PER_KEY`]). The session replaces the connection (fresh keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CounterExhausted;
 
@@ -165,18 +181,22 @@ pub(crate) struct CounterExhausted;
 pub(crate) struct AuthFailed;
 
 impl Traffic {
-    /// The keys of the connection installed at `epoch` under `key`; `dialer` is whether this
-    /// side opened that connection.
-    pub(crate) fn new(key: &SessionKey, epoch: Epoch, dialer: bool) -> Traffic {
+    /// The `suite` keys of the connection installed at `epoch` under `key`; `dialer` is whether
+    /// this side opened that connection.
+    pub(crate) fn new(key: &SessionKey, epoch: Epoch, dialer: bool, suite: Suite) -> Traffic {
         let salt = epoch.0.to_be_bytes();
         let d2l = expand(&key.0, &salt, b"roam/v1/traffic dialer to listener");
         let l2d = expand(&key.0, &salt, b"roam/v1/traffic listener to dialer");
         let (tx, rx) = if dialer { (d2l, l2d) } else { (l2d, d2l) };
         Traffic {
-            tx: AeadKey::new(&tx.0),
-            rx: AeadKey::new(&rx.0),
+            tx: AeadKey::new(suite, &tx.0),
+            rx: AeadKey::new(suite, &rx.0),
             tx_count: 0,
             rx_count: 0,
+            tx_budget: match suite {
+                Suite::Aes256Gcm => AES_GCM_BYTES_PER_KEY,
+                Suite::ChaCha20Poly1305 => u64::MAX,
+            },
         }
     }
 
@@ -187,7 +207,12 @@ impl Traffic {
         buf: &mut [u8],
     ) -> Result<[u8; TAG_LEN], CounterExhausted> {
         let n = self.tx_count;
-        self.tx_count = n.checked_add(1).ok_or(CounterExhausted)?;
+        let next = n.checked_add(1).ok_or(CounterExhausted)?;
+        self.tx_budget = self
+            .tx_budget
+            .checked_sub(buf.len() as u64)
+            .ok_or(CounterExhausted)?;
+        self.tx_count = next;
         Ok(self.tx.seal(n, aad, buf))
     }
 
@@ -216,7 +241,7 @@ impl Traffic {
 fn seal_key(shared: &[u8; 32], eph: &[u8; 32], recipient: &[u8; 32]) -> AeadKey {
     let th = transcript_hash(&[b"roam/v1/seal", eph, recipient]);
     let k = expand(b"roam/v1/seal", shared, &th);
-    AeadKey::new(&k.0)
+    AeadKey::new(Suite::ChaCha20Poly1305, &k.0)
 }
 
 /// Encrypt `buf` in place for `recipient` with the ephemeral secret `eph` (whose public half is
@@ -327,9 +352,15 @@ mod tests {
 
     #[test]
     fn traffic_keys_pair_up_by_direction_and_reject_tampering_and_replay() {
+        for suite in Suite::DEFAULT_PREFERENCE {
+            traffic_round_trip(suite);
+        }
+    }
+
+    fn traffic_round_trip(suite: Suite) {
         let k = SessionKey([3; 32]);
-        let mut d = Traffic::new(&k, Epoch(4), true);
-        let mut l = Traffic::new(&k, Epoch(4), false);
+        let mut d = Traffic::new(&k, Epoch(4), true, suite);
+        let mut l = Traffic::new(&k, Epoch(4), false, suite);
         let mut buf = *b"secret payload";
         let tag = d.seal(b"hdr", &mut buf).unwrap();
         assert_ne!(&buf, b"secret payload");
@@ -349,10 +380,33 @@ mod tests {
         l.open(b"hdr", &mut buf2, &tag2).unwrap();
         assert_eq!(&buf2, b"second");
         // Another epoch gives other keys.
-        let mut other = Traffic::new(&k, Epoch(5), false);
+        let mut other = Traffic::new(&k, Epoch(5), false, suite);
         let mut b3 = *b"x";
         let t3 = d.seal(b"", &mut b3).unwrap();
         assert_eq!(other.open(b"", &mut b3, &t3), Err(AuthFailed));
+    }
+
+    #[test]
+    fn suites_do_not_open_each_others_frames() {
+        let k = SessionKey([3; 32]);
+        let mut aes = Traffic::new(&k, Epoch(0), true, Suite::Aes256Gcm);
+        let mut chacha = Traffic::new(&k, Epoch(0), false, Suite::ChaCha20Poly1305);
+        let mut buf = *b"payload";
+        let tag = aes.seal(b"", &mut buf).unwrap();
+        assert_eq!(chacha.open(b"", &mut buf, &tag), Err(AuthFailed));
+    }
+
+    #[test]
+    fn an_aes_gcm_key_stops_sealing_at_its_byte_limit() {
+        let k = SessionKey([3; 32]);
+        let mut t = Traffic::new(&k, Epoch(0), true, Suite::Aes256Gcm);
+        t.tx_budget = 10;
+        t.seal(b"", &mut [0u8; 6]).unwrap();
+        assert_eq!(t.seal(b"", &mut [0u8; 5]), Err(CounterExhausted));
+        assert_eq!(t.counts().0, 1, "a refused seal uses no counter");
+        t.seal(b"", &mut [0u8; 4]).unwrap();
+        let c = Traffic::new(&k, Epoch(0), true, Suite::ChaCha20Poly1305);
+        assert_eq!(c.tx_budget, u64::MAX);
     }
 
     #[test]

@@ -21,7 +21,8 @@ use crate::aead::{self, ReplayWindow, TAG_LEN, WINDOW_WORDS};
 use crate::codec::{DecodeError, Reader, WriteExt};
 use crate::crypto::AeadKey;
 use crate::crypto::{self, Ephemeral, SessionKey};
-use crate::frame::{FrameError, MAC_LEN, MAGIC, VERSION};
+use crate::frame::{FrameError, MAC_LEN, MAGIC, MAX_OFFERED_SUITES, VERSION};
+use crate::secure::{choose_suite, offer_codes, Suite};
 use crate::types::SocketId;
 
 pub use crate::aead::REPLAY_WINDOW;
@@ -130,6 +131,9 @@ pub enum Packet {
         eph: [u8; 32],
         /// Its nonce.
         nonce: [u8; 16],
+        /// The AEAD suite codes it offers, most preferred first (`count u8 | codes` after the
+        /// nonce: 1 to 16 codes, unknown ones allowed; PROTOCOL.md §10.2).
+        suites: Vec<u8>,
     },
     /// The responder's answer, with key confirmation.
     Welcome {
@@ -141,11 +145,13 @@ pub enum Packet {
         eph: [u8; 32],
         /// Its nonce.
         nonce: [u8; 16],
+        /// The suite chosen from the `Hello`'s offer (one byte before the MAC).
+        suite: Suite,
         /// HMAC under the new association key.
         mac: [u8; MAC_LEN],
     },
     /// An application datagram on an association, encrypted and authenticated
-    /// (ChaCha20-Poly1305 under the sender's direction key, nonce from `counter`, the clear
+    /// (the association's suite under the sender's direction key, nonce from `counter`, the clear
     /// header as associated data; PROTOCOL.md §10.3).
     Data {
         /// The association id both sides derived from the key.
@@ -231,13 +237,22 @@ impl Packet {
     pub fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(96);
         match self {
-            Packet::Hello { socket, eph, nonce } => {
+            Packet::Hello {
+                socket,
+                eph,
+                nonce,
+                suites,
+            } => {
                 b.put_u8(dkind::HELLO);
                 b.put_slice(&MAGIC);
                 b.put_u16(VERSION);
                 b.put_slice(&socket.0);
                 b.put_slice(eph);
                 b.put_slice(nonce);
+                // An empty offer encodes as a malformed packet (count 0).
+                let n = suites.len().min(MAX_OFFERED_SUITES);
+                b.put_u8(n as u8);
+                b.put_slice(&suites[..n]);
             }
             Packet::Welcome { mac, .. } => {
                 b.put_u8(dkind::WELCOME);
@@ -301,12 +316,14 @@ impl Packet {
                 to,
                 eph,
                 nonce,
+                suite,
                 ..
             } => {
                 v.put_slice(&socket.0);
                 v.put_slice(&to.0);
                 v.put_slice(eph);
                 v.put_slice(nonce);
+                v.put_u8(suite.code());
             }
             Packet::Reassoc {
                 assoc,
@@ -371,19 +388,37 @@ impl Packet {
                 if v != VERSION {
                     return Err(FrameError::UnsupportedVersion(v));
                 }
+                let socket = SocketId(r.array("socket id")?);
+                let eph = r.array("ephemeral key")?;
+                let nonce = r.array("nonce")?;
+                let n = usize::from(r.u8("suite count")?);
+                if n == 0 || n > MAX_OFFERED_SUITES {
+                    return Err(DecodeError::Invalid("suite count").into());
+                }
+                let suites = r.bytes(n, "suites")?.to_vec();
                 Packet::Hello {
-                    socket: SocketId(r.array("socket id")?),
-                    eph: r.array("ephemeral key")?,
-                    nonce: r.array("nonce")?,
+                    socket,
+                    eph,
+                    nonce,
+                    suites,
                 }
             }
-            dkind::WELCOME => Packet::Welcome {
-                socket: SocketId(r.array("socket id")?),
-                to: SocketId(r.array("socket id")?),
-                eph: r.array("ephemeral key")?,
-                nonce: r.array("nonce")?,
-                mac: r.array("mac")?,
-            },
+            dkind::WELCOME => {
+                let socket = SocketId(r.array("socket id")?);
+                let to = SocketId(r.array("socket id")?);
+                let eph = r.array("ephemeral key")?;
+                let nonce = r.array("nonce")?;
+                let code = r.u8("suite")?;
+                let suite = Suite::from_code(code).ok_or(DecodeError::Invalid("suite"))?;
+                Packet::Welcome {
+                    socket,
+                    to,
+                    eph,
+                    nonce,
+                    suite,
+                    mac: r.array("mac")?,
+                }
+            }
             dkind::REASSOC => Packet::Reassoc {
                 assoc: r.u64("association id")?,
                 epoch: r.u64("epoch")?,
@@ -468,6 +503,11 @@ pub struct DatagramConfig {
     /// Longest a freeze waits for every peer's `FreezingAck` (draining what is in flight into
     /// the image) before it completes anyway. Default 250 ms.
     pub freeze_timeout: Duration,
+    /// The AEAD suites for `Data`, most preferred first (PROTOCOL.md §10.2, §10.3): offered in
+    /// this order in `Hello`, and the first of a peer's offer found here is chosen when
+    /// answering one. Empty means [`Suite::DEFAULT_PREFERENCE`], which is the default
+    /// (AES-256-GCM, then ChaCha20-Poly1305). Thawed associations keep their image's suite.
+    pub suites: Vec<Suite>,
 }
 
 impl Default for DatagramConfig {
@@ -485,6 +525,18 @@ impl Default for DatagramConfig {
             max_tries: 8,
             hold_timeout: Duration::from_secs(30),
             freeze_timeout: Duration::from_millis(250),
+            suites: Suite::DEFAULT_PREFERENCE.to_vec(),
+        }
+    }
+}
+
+impl DatagramConfig {
+    /// The suites accepted, most preferred first (the default preference if none is set).
+    fn suite_list(&self) -> &[Suite] {
+        if self.suites.is_empty() {
+            &Suite::DEFAULT_PREFERENCE
+        } else {
+            &self.suites
         }
     }
 }
@@ -599,6 +651,8 @@ pub struct PeerEntry {
     pub migrating: bool,
     /// True while our re-association to it is unacknowledged.
     pub reassociating: bool,
+    /// The AEAD suite of `Data` on this association (chosen at first contact).
+    pub suite: Suite,
 }
 
 struct Retry {
@@ -654,6 +708,8 @@ struct Assoc {
     id: u64,
     peer: SocketId,
     key: SessionKey,
+    /// The AEAD suite of `Data` on this association, chosen at first contact.
+    suite: Suite,
     /// Our direction's cipher and next packet counter.
     tx: AeadKey,
     tx_counter: u64,
@@ -678,21 +734,22 @@ struct Assoc {
 }
 
 impl Assoc {
-    /// A new row: keys for both directions, counters at zero, peer at `addr`.
+    /// A new row: `suite` keys for both directions, counters at zero, peer at `addr`.
     fn new(
         id: u64,
         me: SocketId,
         peer: SocketId,
-        key: SessionKey,
+        (key, suite): (SessionKey, Suite),
         addr: SocketAddr,
         confirmed: bool,
     ) -> Assoc {
         Assoc {
             id,
             peer,
-            tx: aead::data_cipher(&key, me),
+            suite,
+            tx: aead::data_cipher(suite, &key, me),
             tx_counter: 0,
-            rx: aead::data_cipher(&key, peer),
+            rx: aead::data_cipher(suite, &key, peer),
             window: ReplayWindow::default(),
             confirmed,
             probes: Vec::new(),
@@ -728,6 +785,8 @@ impl Assoc {
 struct Handshake {
     eph: Ephemeral,
     hello: Bytes,
+    /// The suite codes the `Hello` offered.
+    offered: Vec<u8>,
     retry: Retry,
     queued: VecDeque<Bytes>,
 }
@@ -749,6 +808,7 @@ pub(crate) struct AssocImage {
     pub(crate) id: u64,
     pub(crate) peer: SocketId,
     pub(crate) key: SessionKey,
+    pub(crate) suite: Suite,
     pub(crate) known_addr: SocketAddr,
     pub(crate) addr: SocketAddr,
     pub(crate) peer_epoch: u64,
@@ -881,7 +941,14 @@ impl DatagramSocket {
         for a in image.assocs {
             s.by_addr.insert(a.known_addr, a.id);
             s.by_addr.insert(a.addr, a.id);
-            let mut row = Assoc::new(a.id, s.id, a.peer, a.key, a.known_addr, a.confirmed);
+            let mut row = Assoc::new(
+                a.id,
+                s.id,
+                a.peer,
+                (a.key, a.suite),
+                a.known_addr,
+                a.confirmed,
+            );
             row.addr = a.addr;
             row.peer_epoch = a.peer_epoch;
             row.tx_counter = a.tx_counter;
@@ -941,6 +1008,7 @@ impl DatagramSocket {
                 peer_epoch: a.peer_epoch,
                 migrating: a.migrating_since.is_some(),
                 reassociating: a.reassoc.is_some(),
+                suite: a.suite,
             })
             .collect();
         v.sort_by_key(|p| p.known_addr);
@@ -1017,10 +1085,12 @@ impl DatagramSocket {
         self.rng.fill_bytes(&mut secret);
         self.rng.fill_bytes(&mut nonce);
         let eph = Ephemeral::new(secret);
+        let offered = offer_codes(self.config.suite_list());
         let hello = Packet::Hello {
             socket: self.id,
             eph: eph.public,
             nonce,
+            suites: offered.clone(),
         }
         .encode();
         self.transmits.push_back((dest, hello.clone()));
@@ -1029,6 +1099,7 @@ impl DatagramSocket {
             Handshake {
                 eph,
                 hello,
+                offered,
                 retry: Retry::new(now, self.config.retry_initial),
                 queued: VecDeque::from([payload]),
             },
@@ -1151,6 +1222,7 @@ impl DatagramSocket {
                 id: a.id,
                 peer: a.peer,
                 key: a.key.clone(),
+                suite: a.suite,
                 known_addr: a.known_addr,
                 addr: a.addr,
                 peer_epoch: a.peer_epoch,
@@ -1192,9 +1264,14 @@ impl DatagramSocket {
             return;
         };
         match p {
-            Packet::Hello { socket, eph, nonce } => {
+            Packet::Hello {
+                socket,
+                eph,
+                nonce,
+                suites,
+            } => {
                 if self.hello_allowed(now) {
-                    self.on_hello(from, socket, eph, nonce)
+                    self.on_hello(from, socket, eph, nonce, suites)
                 } else {
                     self.stats.hello_limited += 1;
                 }
@@ -1248,7 +1325,14 @@ impl DatagramSocket {
         true
     }
 
-    fn on_hello(&mut self, from: SocketAddr, socket: SocketId, eph: [u8; 32], nonce: [u8; 16]) {
+    fn on_hello(
+        &mut self,
+        from: SocketAddr,
+        socket: SocketId,
+        eph: [u8; 32],
+        nonce: [u8; 16],
+        suites: Vec<u8>,
+    ) {
         if self.freezing.is_some() {
             // Not while moving: the peer resends its Hello and reaches us after the thaw.
             return;
@@ -1288,6 +1372,12 @@ impl DatagramSocket {
             self.stats.refused += 1;
             return;
         }
+        // The first suite of the initiator's offer we support; none in common: no answer.
+        // (A Hello's offer is never empty: the decoder refuses that.)
+        let Some(suite) = choose_suite(&suites, self.config.suite_list()) else {
+            self.stats.refused += 1;
+            return;
+        };
         let mut secret = [0u8; 32];
         let mut my_nonce = [0u8; 16];
         self.rng.fill_bytes(&mut secret);
@@ -1297,12 +1387,19 @@ impl DatagramSocket {
             self.stats.refused += 1;
             return;
         };
-        let hello = Packet::Hello { socket, eph, nonce }.encode();
+        let hello = Packet::Hello {
+            socket,
+            eph,
+            nonce,
+            suites,
+        }
+        .encode();
         let mut w = Packet::Welcome {
             socket: self.id,
             to: socket,
             eph: mine.public,
             nonce: my_nonce,
+            suite,
             mac: [0; 32],
         };
         let signed = w.signed();
@@ -1316,7 +1413,7 @@ impl DatagramSocket {
         }
         let welcome = w.encode();
         self.transmits.push_back((from, welcome.clone()));
-        self.install(from, id, socket, key, Some((eph, welcome)));
+        self.install(from, id, socket, (key, suite), Some((eph, welcome)));
     }
 
     /// Forget a half-open association (its first contact never proved it can be reached).
@@ -1344,7 +1441,7 @@ impl DatagramSocket {
         from: SocketAddr,
         id: u64,
         peer: SocketId,
-        key: SessionKey,
+        key: (SessionKey, Suite),
         answered: Option<([u8; 32], Bytes)>,
     ) {
         let confirmed = answered.is_none();
@@ -1400,6 +1497,7 @@ impl DatagramSocket {
             socket,
             to,
             eph,
+            suite,
             mac,
             ..
         } = &w
@@ -1424,7 +1522,14 @@ impl DatagramSocket {
             self.stats.refused += 1;
             return;
         }
-        self.install(from, id, *socket, key, None);
+        // The choice must be one we offered; offer and choice are both in the transcript the
+        // MAC covers, so a downgrade on the path fails it (PROTOCOL.md §10.2).
+        let suite = *suite;
+        if !h.offered.contains(&suite.code()) {
+            self.stats.refused += 1;
+            return;
+        }
+        self.install(from, id, *socket, (key, suite), None);
     }
 
     /// `Data` (PROTOCOL.md §10.3): refused unless its counter is new to the replay window and
@@ -1903,10 +2008,13 @@ impl DatagramSocket {
 
 /// First bytes of every datagram-socket image.
 pub const DATAGRAM_IMAGE_MAGIC: [u8; 8] = *b"ROAMDGI\0";
-/// The datagram image format version this crate writes and reads. Version 2 added the packet
-/// counters and replay windows of encrypted `Data`; version 1 images are refused
-/// ([`crate::ImageError::UnsupportedVersion`]).
-pub const DATAGRAM_IMAGE_VERSION: u16 = 2;
+/// The datagram image format version this crate writes. Version 2 added the packet counters and
+/// replay windows of encrypted `Data`; version 3 each association's AEAD suite. Version 2
+/// images are still read (their associations use ChaCha20-Poly1305); version 1 images are
+/// refused ([`crate::ImageError::UnsupportedVersion`]).
+pub const DATAGRAM_IMAGE_VERSION: u16 = 3;
+/// The oldest datagram image format version this crate reads.
+pub const DATAGRAM_IMAGE_VERSION_MIN: u16 = 2;
 /// Counters in a datagram image's statistics.
 const STATS_FIELDS: usize = 17;
 
@@ -1924,39 +2032,6 @@ fn seal_image(body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Check a datagram image's envelope (magic, version, exact length, digest); return its body.
-fn open_image(bytes: &[u8]) -> Result<&[u8], crate::ImageError> {
-    use crate::ImageError;
-    const PREFIX: usize = 14;
-    if bytes.len() < 8 || bytes[..8] != DATAGRAM_IMAGE_MAGIC {
-        return Err(if DATAGRAM_IMAGE_MAGIC.starts_with(bytes) {
-            ImageError::Truncated
-        } else {
-            ImageError::Foreign
-        });
-    }
-    if bytes.len() < PREFIX + 32 {
-        return Err(ImageError::Truncated);
-    }
-    let version = u16::from_be_bytes([bytes[8], bytes[9]]);
-    if version != DATAGRAM_IMAGE_VERSION {
-        return Err(ImageError::UnsupportedVersion(version));
-    }
-    let body_len = u32::from_be_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]) as usize;
-    let expected = PREFIX + body_len + 32;
-    if bytes.len() < expected {
-        return Err(ImageError::Truncated);
-    }
-    if bytes.len() > expected {
-        return Err(ImageError::Trailing(bytes.len() - expected));
-    }
-    let (signed, digest) = bytes.split_at(PREFIX + body_len);
-    if crypto::sha256(signed) != digest {
-        return Err(ImageError::Corrupt);
-    }
-    Ok(&signed[PREFIX..])
-}
-
 impl DatagramImage {
     /// Encode for transport or storage (same envelope as stream images, PROTOCOL.md §7).
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -1969,6 +2044,7 @@ impl DatagramImage {
             b.put_u64(a.id);
             b.put_slice(&a.peer.0);
             b.put_slice(&a.key.0);
+            b.put_u8(a.suite.code());
             b.put_socket_addr(a.known_addr);
             b.put_socket_addr(a.addr);
             b.put_u64(a.peer_epoch);
@@ -1999,7 +2075,13 @@ impl DatagramImage {
     /// Decode and verify an image made by [`DatagramImage::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<DatagramImage, crate::ImageError> {
         use crate::ImageError;
-        let mut r = Reader::new(open_image(bytes)?);
+        let (version, body) = crate::image::open_versioned(
+            &DATAGRAM_IMAGE_MAGIC,
+            DATAGRAM_IMAGE_VERSION_MIN,
+            DATAGRAM_IMAGE_VERSION,
+            bytes,
+        )?;
+        let mut r = Reader::new(body);
         let id = SocketId(r.array("socket id")?);
         let epoch = r.u64("epoch")?;
         let origin = r.socket_addr("origin")?;
@@ -2010,6 +2092,12 @@ impl DatagramImage {
                 id: r.u64("association id")?,
                 peer: SocketId(r.array("peer socket id")?),
                 key: SessionKey(r.array("key")?),
+                suite: if version >= 3 {
+                    let code = r.u8("suite")?;
+                    Suite::from_code(code).ok_or(ImageError::UnknownSuite(code))?
+                } else {
+                    Suite::ChaCha20Poly1305
+                },
                 known_addr: r.socket_addr("known address")?,
                 addr: r.socket_addr("address")?,
                 peer_epoch: r.u64("peer epoch")?,
@@ -2236,18 +2324,96 @@ mod tests {
     }
 
     #[test]
+    fn associations_negotiate_a_suite_and_images_keep_it() {
+        let now = Instant::now();
+        let with = |suites: Vec<Suite>| DatagramConfig {
+            suites,
+            ..DatagramConfig::default()
+        };
+        let chacha_first = with(vec![Suite::ChaCha20Poly1305, Suite::Aes256Gcm]);
+        let aes_only = with(vec![Suite::Aes256Gcm]);
+        let chacha_only = with(vec![Suite::ChaCha20Poly1305]);
+        let d = DatagramConfig::default();
+        for (mine, theirs, want) in [
+            (&d, &d, Some(Suite::Aes256Gcm)),
+            (&chacha_first, &d, Some(Suite::ChaCha20Poly1305)),
+            (&d, &chacha_only, Some(Suite::ChaCha20Poly1305)),
+            (&aes_only, &chacha_first, Some(Suite::Aes256Gcm)),
+            (&aes_only, &chacha_only, None),
+        ] {
+            let mut a = DatagramSocket::new(mine.clone(), addr(2, 1000), [1; 32]);
+            let mut b = DatagramSocket::new(theirs.clone(), addr(3, 1000), [2; 32]);
+            a.send_to(now, b.local_addr(), b"hello").unwrap();
+            pump(now, &mut [&mut a, &mut b]);
+            let Some(want) = want else {
+                assert!(a.peers().is_empty() && b.peers().is_empty());
+                assert_eq!(b.stats().refused, 1);
+                continue;
+            };
+            assert_eq!(b.recv().map(|r| r.1), Some(Bytes::from_static(b"hello")));
+            assert_eq!((a.peers()[0].suite, b.peers()[0].suite), (want, want));
+            a.freeze(now).unwrap();
+            pump(now, &mut [&mut a, &mut b]);
+            let bytes = a.image().unwrap().to_bytes();
+            let image = DatagramImage::from_bytes(&bytes).unwrap();
+            assert_eq!(image.assocs[0].suite, want);
+            // Thawed under a configuration preferring the other suite: it keeps its own.
+            let mut a2 = DatagramSocket::from_image(
+                image,
+                addr(4, 1000),
+                chacha_first.clone(),
+                [3; 32],
+                now,
+            );
+            pump(now, &mut [&mut a2, &mut b]);
+            assert_eq!(a2.peers()[0].suite, want);
+            a2.send_to(now, addr(3, 1000), b"moved").unwrap();
+            pump(now, &mut [&mut a2, &mut b]);
+            assert_eq!(b.recv().map(|r| r.1), Some(Bytes::from_static(b"moved")));
+            assert_eq!(b.stats().auth_failed, 0);
+            // The same image as version 2 (no suite byte): read as ChaCha20-Poly1305. The byte
+            // follows the socket id, epoch, origin (v4), peer count, association id, peer
+            // socket id and key.
+            let at = 14 + 16 + 8 + 7 + 4 + 8 + 16 + 32;
+            assert_eq!(bytes[at], want.code());
+            let mut body = bytes[14..at].to_vec();
+            body.extend_from_slice(&bytes[at + 1..bytes.len() - 32]);
+            let mut v2 = Vec::new();
+            v2.put_slice(&DATAGRAM_IMAGE_MAGIC);
+            v2.put_u16(2);
+            v2.put_u32(body.len() as u32);
+            v2.put_slice(&body);
+            let digest = crypto::sha256(&v2);
+            v2.put_slice(&digest);
+            let old = DatagramImage::from_bytes(&v2).unwrap();
+            assert_eq!(old.assocs[0].suite, Suite::ChaCha20Poly1305);
+            // An unknown suite code is a typed error.
+            let mut unknown = bytes[..bytes.len() - 32].to_vec();
+            unknown[at] = 0x7f;
+            let digest = crypto::sha256(&unknown);
+            unknown.put_slice(&digest);
+            assert_eq!(
+                DatagramImage::from_bytes(&unknown),
+                Err(crate::ImageError::UnknownSuite(0x7f))
+            );
+        }
+    }
+
+    #[test]
     fn packets_round_trip_and_garbage_is_an_error() {
         let ps = [
             Packet::Hello {
                 socket: SocketId([1; 16]),
                 eph: [2; 32],
                 nonce: [3; 16],
+                suites: vec![2, 1, 99],
             },
             Packet::Welcome {
                 socket: SocketId([1; 16]),
                 to: SocketId([4; 16]),
                 eph: [2; 32],
                 nonce: [3; 16],
+                suite: Suite::Aes256Gcm,
                 mac: [5; 32],
             },
             Packet::Data {
@@ -2307,5 +2473,40 @@ mod tests {
             }
         }
         assert!(Packet::decode(Bytes::from_static(b"GET / HTTP/1.1")).is_err());
+        // An empty offer, a Hello of version 1 (before suites), or an unknown chosen suite, is
+        // malformed.
+        let hello = Packet::Hello {
+            socket: SocketId([1; 16]),
+            eph: [2; 32],
+            nonce: [3; 16],
+            suites: Vec::new(),
+        }
+        .encode();
+        assert_eq!(
+            Packet::decode(hello.clone()),
+            Err(DecodeError::Invalid("suite count").into())
+        );
+        let mut v1 = hello[..hello.len() - 1].to_vec();
+        v1[6] = 1;
+        assert_eq!(
+            Packet::decode(v1.into()),
+            Err(FrameError::UnsupportedVersion(1))
+        );
+        let mut welcome = Packet::Welcome {
+            socket: SocketId([1; 16]),
+            to: SocketId([4; 16]),
+            eph: [2; 32],
+            nonce: [3; 16],
+            suite: Suite::ChaCha20Poly1305,
+            mac: [5; 32],
+        }
+        .encode()
+        .to_vec();
+        let at = welcome.len() - MAC_LEN - 1;
+        welcome[at] = 0;
+        assert_eq!(
+            Packet::decode(welcome.into()),
+            Err(DecodeError::Invalid("suite").into())
+        );
     }
 }

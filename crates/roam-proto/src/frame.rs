@@ -11,15 +11,16 @@ use std::net::SocketAddr;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::secure::PublicKey;
+use crate::secure::{PublicKey, Suite};
 
 use crate::codec::{DecodeError, Reader, WriteExt};
 use crate::types::{EndpointId, Epoch, Offset, SessionId};
 
 /// First bytes of every `Hello` and `Reassoc` body: tells a roam peer from anything else.
 pub const MAGIC: [u8; 4] = *b"ROAM";
-/// The version datagram packets carry (PROTOCOL.md §10.1).
-pub const VERSION: u16 = 1;
+/// The version datagram `Hello` packets carry (PROTOCOL.md §10.1): 2 added the suite offer and
+/// choice; version 1 is refused as [`FrameError::UnsupportedVersion`].
+pub const VERSION: u16 = 2;
 /// The stream protocol version in `Hello` and `Reassoc` (2: sealed frames, identities and the
 /// association confirmation, PROTOCOL.md §3.1, §5.1).
 pub const STREAM_VERSION: u16 = 2;
@@ -31,7 +32,7 @@ pub const DATA_HEADER_LEN: usize = HEADER_LEN + 24;
 pub const MAX_FRAME_BODY: usize = (1 << 20) + 64;
 /// Size of a MAC tag (HMAC-SHA256).
 pub const MAC_LEN: usize = 32;
-/// Size of a sealed frame's AEAD tag (ChaCha20-Poly1305).
+/// Size of a sealed frame's AEAD tag (both suites).
 pub const TAG_LEN: usize = 16;
 /// Smallest sealed frame body: an empty inner frame header and the tag.
 pub const MIN_SEALED_BODY: usize = HEADER_LEN + TAG_LEN;
@@ -42,8 +43,13 @@ pub mod flags {
     pub const INSECURE: u8 = 0x01;
     pub const IDENTITY: u8 = 0x02;
     pub const PSK: u8 = 0x04;
-    pub const ALL: u8 = INSECURE | IDENTITY | PSK;
+    /// `Hello`: a list of offered AEAD suites follows; `Welcome`: the chosen suite follows.
+    pub const SUITES: u8 = 0x08;
+    pub const ALL: u8 = INSECURE | IDENTITY | PSK | SUITES;
 }
+
+/// Most suite codes a `Hello` may offer.
+pub const MAX_OFFERED_SUITES: usize = 16;
 
 /// Frame type codes (PROTOCOL.md §3, table 1).
 #[allow(missing_docs)]
@@ -166,6 +172,10 @@ pub struct Hello {
     pub psk: bool,
     /// The dialer's static public key, if it has an identity.
     pub identity: Option<PublicKey>,
+    /// The AEAD suite codes the dialer offers, most preferred first (flag `0x08`; 1 to
+    /// [`MAX_OFFERED_SUITES`] codes, unknown ones allowed). Empty: a dialer from before
+    /// negotiation, which speaks ChaCha20-Poly1305 only (PROTOCOL.md §5.1).
+    pub suites: Vec<u8>,
 }
 
 /// Association reply, listener → dialer, with key confirmation (PROTOCOL.md §5.1).
@@ -187,6 +197,9 @@ pub struct Welcome {
     pub psk: bool,
     /// The listener's static public key, if it has an identity.
     pub identity: Option<PublicKey>,
+    /// The suite the listener chose from the dialer's offer (flag `0x08`); `None` answers a
+    /// `Hello` without an offer and means ChaCha20-Poly1305.
+    pub suite: Option<Suite>,
     /// HMAC under the new session key over the transcript.
     pub mac: [u8; MAC_LEN],
 }
@@ -462,15 +475,25 @@ impl Frame {
                 let contact = r.socket_addr("contact")?;
                 let eph = r.array("ephemeral key")?;
                 let nonce = r.array("nonce")?;
-                let (insecure, psk, identity) = get_flags(&mut r)?;
+                let f = get_flags(&mut r)?;
+                let suites = if f.suites {
+                    let n = usize::from(r.u8("suite count")?);
+                    if n == 0 || n > MAX_OFFERED_SUITES {
+                        return Err(DecodeError::Invalid("suite count").into());
+                    }
+                    r.bytes(n, "suites")?.to_vec()
+                } else {
+                    Vec::new()
+                };
                 Frame::Hello(Hello {
                     endpoint,
                     contact,
                     eph,
                     nonce,
-                    insecure,
-                    psk,
-                    identity,
+                    insecure: f.insecure,
+                    psk: f.psk,
+                    identity: f.identity,
+                    suites,
                 })
             }
             kind::WELCOME => {
@@ -479,16 +502,23 @@ impl Frame {
                 let contact = r.socket_addr("contact")?;
                 let eph = r.array("ephemeral key")?;
                 let nonce = r.array("nonce")?;
-                let (insecure, psk, identity) = get_flags(&mut r)?;
+                let f = get_flags(&mut r)?;
+                let suite = if f.suites {
+                    let code = r.u8("suite")?;
+                    Some(Suite::from_code(code).ok_or(DecodeError::Invalid("suite"))?)
+                } else {
+                    None
+                };
                 Frame::Welcome(Welcome {
                     session,
                     endpoint,
                     contact,
                     eph,
                     nonce,
-                    insecure,
-                    psk,
-                    identity,
+                    insecure: f.insecure,
+                    psk: f.psk,
+                    identity: f.identity,
+                    suite,
                     mac: r.array("mac")?,
                 })
             }
@@ -544,8 +574,17 @@ fn is_known(ty: u8) -> bool {
     matches!(ty, 0x01..=0x07 | 0x10..=0x15 | 0x20)
 }
 
+/// The flags byte of `Hello` / `Welcome`, with the static key it announces.
+struct Flags {
+    insecure: bool,
+    psk: bool,
+    identity: Option<PublicKey>,
+    /// A suite list (`Hello`) or the chosen suite (`Welcome`) follows the static key.
+    suites: bool,
+}
+
 /// Read the flags byte of `Hello` / `Welcome` and the static key it announces.
-fn get_flags(r: &mut Reader<'_>) -> Result<(bool, bool, Option<PublicKey>), DecodeError> {
+fn get_flags(r: &mut Reader<'_>) -> Result<Flags, DecodeError> {
     let f = r.u8("flags")?;
     if f & !flags::ALL != 0 {
         return Err(DecodeError::Invalid("flags"));
@@ -555,10 +594,21 @@ fn get_flags(r: &mut Reader<'_>) -> Result<(bool, bool, Option<PublicKey>), Deco
     } else {
         None
     };
-    Ok((f & flags::INSECURE != 0, f & flags::PSK != 0, identity))
+    Ok(Flags {
+        insecure: f & flags::INSECURE != 0,
+        psk: f & flags::PSK != 0,
+        identity,
+        suites: f & flags::SUITES != 0,
+    })
 }
 
-fn put_flags(out: &mut impl BufMut, insecure: bool, psk: bool, identity: Option<&PublicKey>) {
+fn put_flags(
+    out: &mut impl BufMut,
+    insecure: bool,
+    psk: bool,
+    identity: Option<&PublicKey>,
+    suites: bool,
+) {
     let mut f = 0;
     if insecure {
         f |= flags::INSECURE;
@@ -568,6 +618,9 @@ fn put_flags(out: &mut impl BufMut, insecure: bool, psk: bool, identity: Option<
     }
     if identity.is_some() {
         f |= flags::IDENTITY;
+    }
+    if suites {
+        f |= flags::SUITES;
     }
     out.put_u8(f);
     if let Some(k) = identity {
@@ -599,7 +652,14 @@ impl Hello {
         out.put_socket_addr(self.contact);
         out.put_slice(&self.eph);
         out.put_slice(&self.nonce);
-        put_flags(out, self.insecure, self.psk, self.identity.as_ref());
+        // An offer longer than a decoder accepts is cut (the dialer's own Hello is encoded
+        // once, so both ends hash the same bytes).
+        let n = self.suites.len().min(MAX_OFFERED_SUITES);
+        put_flags(out, self.insecure, self.psk, self.identity.as_ref(), n > 0);
+        if n > 0 {
+            out.put_u8(n as u8);
+            out.put_slice(&self.suites[..n]);
+        }
     }
 
     /// The bytes the transcript hash covers.
@@ -618,7 +678,16 @@ impl Welcome {
         out.put_socket_addr(self.contact);
         out.put_slice(&self.eph);
         out.put_slice(&self.nonce);
-        put_flags(out, self.insecure, self.psk, self.identity.as_ref());
+        put_flags(
+            out,
+            self.insecure,
+            self.psk,
+            self.identity.as_ref(),
+            self.suite.is_some(),
+        );
+        if let Some(suite) = self.suite {
+            out.put_u8(suite.code());
+        }
     }
 
     /// [`Self::encode_signed`] into a fresh vector.
@@ -681,6 +750,7 @@ mod tests {
                 insecure: false,
                 psk: true,
                 identity: Some(PublicKey([20; 32])),
+                suites: vec![2, 1, 77],
             }),
             Frame::Hello(Hello {
                 endpoint: EndpointId([1; 16]),
@@ -690,6 +760,7 @@ mod tests {
                 insecure: true,
                 psk: false,
                 identity: None,
+                suites: Vec::new(),
             }),
             Frame::Welcome(Welcome {
                 session: SessionId([4; 16]),
@@ -700,6 +771,19 @@ mod tests {
                 insecure: false,
                 psk: false,
                 identity: Some(PublicKey([21; 32])),
+                suite: Some(Suite::Aes256Gcm),
+                mac: [8; 32],
+            }),
+            Frame::Welcome(Welcome {
+                session: SessionId([4; 16]),
+                endpoint: EndpointId([5; 16]),
+                contact: "127.0.0.1:9".parse().unwrap(),
+                eph: [6; 32],
+                nonce: [7; 16],
+                insecure: false,
+                psk: true,
+                identity: None,
+                suite: None,
                 mac: [8; 32],
             }),
             Frame::Reassoc(Reassoc {
@@ -810,6 +894,7 @@ mod tests {
             insecure: false,
             psk: false,
             identity: None,
+            suites: Vec::new(),
         })
         .to_bytes();
         hello[HEADER_LEN] = b'X';
@@ -844,6 +929,7 @@ mod tests {
             insecure: false,
             psk: false,
             identity: None,
+            suites: Vec::new(),
         })
         .to_bytes();
         let last = bad_flags.len() - 1;
@@ -851,6 +937,36 @@ mod tests {
         assert_eq!(
             Frame::decode_exact(&bad_flags),
             Err(FrameError::Body(DecodeError::Invalid("flags")))
+        );
+        // A suite offer must hold 1 to MAX_OFFERED_SUITES codes; a Welcome's suite must be
+        // one this version knows.
+        let mut empty_offer = bad_flags.clone();
+        empty_offer[last] = flags::SUITES;
+        empty_offer.put_u8(0);
+        empty_offer[4] += 1;
+        assert_eq!(
+            Frame::decode_exact(&empty_offer),
+            Err(FrameError::Body(DecodeError::Invalid("suite count")))
+        );
+        let mut welcome = Frame::Welcome(Welcome {
+            session: SessionId([4; 16]),
+            endpoint: EndpointId([5; 16]),
+            contact: "127.0.0.1:9".parse().unwrap(),
+            eph: [6; 32],
+            nonce: [7; 16],
+            insecure: false,
+            psk: false,
+            identity: None,
+            suite: Some(Suite::ChaCha20Poly1305),
+            mac: [8; 32],
+        })
+        .to_bytes();
+        let at = welcome.len() - MAC_LEN - 1;
+        assert_eq!(welcome[at], 1);
+        welcome[at] = 9;
+        assert_eq!(
+            Frame::decode_exact(&welcome),
+            Err(FrameError::Body(DecodeError::Invalid("suite")))
         );
         let short_data = [kind::DATA, 0, 0, 0, 3, 1, 2, 3];
         assert!(matches!(

@@ -12,14 +12,17 @@ use bytes::{BufMut, Bytes};
 
 use crate::codec::{DecodeError, Reader, WriteExt};
 use crate::crypto::{self, SessionKey};
-use crate::secure::{Identity, PublicKey};
+use crate::secure::{Identity, PublicKey, Suite};
 use crate::session::{LocalInfo, PeerInfo, Stats};
 use crate::types::{EndpointId, Entropy, Epoch, Offset, SessionId};
 
 /// First bytes of every image.
 pub const IMAGE_MAGIC: [u8; 8] = *b"ROAMIMG\0";
-/// The image format version this crate writes and reads.
-pub const IMAGE_VERSION: u16 = 2;
+/// The image format version this crate writes (3: the session's AEAD suite). Version 2 images
+/// (no suite: ChaCha20-Poly1305) are still read.
+pub const IMAGE_VERSION: u16 = 3;
+/// The oldest image format version this crate reads.
+pub const IMAGE_VERSION_MIN: u16 = 2;
 /// First bytes of every sealed image.
 pub const SEALED_MAGIC: [u8; 8] = *b"ROAMSEAL";
 /// The sealed-image format version.
@@ -66,6 +69,9 @@ pub enum ImageError {
     /// No identity to open a sealed image with.
     #[error("no identity configured to open a sealed image")]
     NoIdentity,
+    /// The image names an AEAD suite this version does not know (it came from a newer one).
+    #[error("image uses unknown cipher suite {0}")]
+    UnknownSuite(u8),
 }
 
 /// A frozen stream's complete state: identity, keys, peer, sequence numbers, the
@@ -79,6 +85,7 @@ pub struct StreamImage {
     pub(crate) epoch: Epoch,
     pub(crate) key: SessionKey,
     pub(crate) secure: bool,
+    pub(crate) suite: Suite,
     pub(crate) peer_identity: Option<PublicKey>,
     pub(crate) local: LocalInfo,
     pub(crate) peer: PeerInfo,
@@ -152,6 +159,11 @@ impl StreamImage {
         self.peer_identity
     }
 
+    /// The AEAD suite the session's frames are sealed with; the thawed session keeps it.
+    pub fn suite(&self) -> Suite {
+        self.suite
+    }
+
     /// This image encrypted and authenticated for the holder of `recipient`'s secret
     /// (PROTOCOL.md §7.1): X25519 between a fresh ephemeral key (`entropy.secret`) and
     /// `recipient`, HKDF-SHA256, ChaCha20-Poly1305. Intercepted, it discloses nothing but its
@@ -216,6 +228,7 @@ impl StreamImage {
         body.put_u64(self.epoch.0);
         body.put_slice(&self.key.0);
         body.put_u8(u8::from(self.secure));
+        body.put_u8(self.suite.code());
         match &self.peer_identity {
             None => body.put_u8(0),
             Some(k) => {
@@ -257,11 +270,19 @@ impl StreamImage {
         if bytes.starts_with(&SEALED_MAGIC) {
             return Err(ImageError::Sealed);
         }
-        let mut r = Reader::new(open_versioned(&IMAGE_MAGIC, IMAGE_VERSION, bytes)?);
+        let (version, body) =
+            open_versioned(&IMAGE_MAGIC, IMAGE_VERSION_MIN, IMAGE_VERSION, bytes)?;
+        let mut r = Reader::new(body);
         let session = SessionId(r.array("session id")?);
         let epoch = Epoch(r.u64("epoch")?);
         let key = SessionKey(r.array("key")?);
         let secure = r.bool("secure")?;
+        let suite = if version >= 3 {
+            let code = r.u8("suite")?;
+            Suite::from_code(code).ok_or(ImageError::UnknownSuite(code))?
+        } else {
+            Suite::ChaCha20Poly1305
+        };
         let peer_identity = match r.u8("peer identity")? {
             0 => None,
             1 => Some(PublicKey(r.array("peer identity")?)),
@@ -320,6 +341,7 @@ impl StreamImage {
             epoch,
             key,
             secure,
+            suite,
             peer_identity,
             local,
             peer,
@@ -357,12 +379,14 @@ fn seal_versioned(magic: &[u8; 8], version: u16, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Check an image's envelope (magic, version, exact length, digest) and return its body.
-fn open_versioned<'a>(
+/// Check an image's envelope (magic, version in `min..=max`, exact length, digest) and return
+/// its version and body.
+pub(crate) fn open_versioned<'a>(
     magic: &[u8; 8],
-    expected_version: u16,
+    min: u16,
+    max: u16,
     bytes: &'a [u8],
-) -> Result<&'a [u8], ImageError> {
+) -> Result<(u16, &'a [u8]), ImageError> {
     if bytes.len() < 8 || bytes[..8] != *magic {
         return Err(if magic.starts_with(bytes) {
             ImageError::Truncated
@@ -374,7 +398,7 @@ fn open_versioned<'a>(
         return Err(ImageError::Truncated);
     }
     let version = u16::from_be_bytes([bytes[8], bytes[9]]);
-    if version != expected_version {
+    if !(min..=max).contains(&version) {
         return Err(ImageError::UnsupportedVersion(version));
     }
     let body_len = u32::from_be_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]) as usize;
@@ -389,7 +413,7 @@ fn open_versioned<'a>(
     if crypto::sha256(signed) != digest {
         return Err(ImageError::Corrupt);
     }
-    Ok(&signed[PREFIX_LEN..])
+    Ok((version, &signed[PREFIX_LEN..]))
 }
 
 /// Check a length read from an image against the bytes left.
@@ -398,4 +422,82 @@ pub(crate) fn len_of(n: u64, r: &Reader<'_>) -> Result<usize, DecodeError> {
         return Err(DecodeError::Truncated("buffer"));
     }
     Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(suite: Suite) -> StreamImage {
+        let local = LocalInfo {
+            endpoint: EndpointId([1; 16]),
+            contact: "127.0.0.2:7000".parse().unwrap(),
+        };
+        let peer = PeerInfo {
+            endpoint: EndpointId([2; 16]),
+            contact: "127.0.0.3:7000".parse().unwrap(),
+        };
+        StreamImage {
+            session: SessionId([3; 16]),
+            epoch: Epoch(4),
+            key: SessionKey([5; 32]),
+            secure: true,
+            suite,
+            peer_identity: None,
+            local,
+            peer,
+            tx_acked: Offset(10),
+            tx_data: Bytes::from_static(b"unacked"),
+            fin: None,
+            peer_limit: Offset(1000),
+            rx_recv: Offset(20),
+            rx_data: Bytes::from_static(b"unread"),
+            peer_fin: None,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Where the suite byte sits in an encoded image: after the prefix, session id, epoch, key
+    /// and the secure flag.
+    const SUITE_AT: usize = PREFIX_LEN + 16 + 8 + 32 + 1;
+
+    #[test]
+    fn images_carry_the_suite_and_old_or_unknown_ones_are_handled() {
+        for suite in Suite::DEFAULT_PREFERENCE {
+            let i = image(suite);
+            let back = StreamImage::from_bytes(&i.to_bytes()).unwrap();
+            assert_eq!(back, i);
+            assert_eq!(back.suite(), suite);
+        }
+        // A version-2 image (from before suites): no suite byte, read as ChaCha20-Poly1305.
+        let v3 = image(Suite::ChaCha20Poly1305).to_bytes();
+        let mut body = v3[PREFIX_LEN..SUITE_AT].to_vec();
+        body.extend_from_slice(&v3[SUITE_AT + 1..v3.len() - DIGEST_LEN]);
+        let v2 = seal_versioned(&IMAGE_MAGIC, 2, &body);
+        let old = StreamImage::from_bytes(&v2).unwrap();
+        assert_eq!(old.suite(), Suite::ChaCha20Poly1305);
+        assert_eq!(old, image(Suite::ChaCha20Poly1305));
+        // Version 1 is refused; so is an unknown suite code, with its own error.
+        let v1 = seal_versioned(&IMAGE_MAGIC, 1, &body);
+        assert_eq!(
+            StreamImage::from_bytes(&v1),
+            Err(ImageError::UnsupportedVersion(1))
+        );
+        let mut unknown = v3[..v3.len() - DIGEST_LEN].to_vec();
+        unknown[SUITE_AT] = 0x7f;
+        let unknown = seal_versioned(&IMAGE_MAGIC, IMAGE_VERSION, &unknown[PREFIX_LEN..]);
+        assert_eq!(
+            StreamImage::from_bytes(&unknown),
+            Err(ImageError::UnknownSuite(0x7f))
+        );
+        // A sealed image keeps the suite too.
+        let r = Identity::from_secret_bytes([9; 32]);
+        let e = Entropy {
+            secret: [8; 32],
+            nonce: [7; 16],
+        };
+        let sealed = image(Suite::Aes256Gcm).seal_with(&r.public_key(), &e);
+        let opened = StreamImage::open_sealed(&sealed, &r).unwrap();
+        assert_eq!(opened.suite(), Suite::Aes256Gcm);
+    }
 }

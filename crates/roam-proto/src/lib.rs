@@ -13,7 +13,7 @@
 //! - [`image`]: the versioned, integrity-checked migration image, and sealed images.
 //! - [`secure`]: identities, peer policies (trust-on-first-use, pinning, pre-shared key) and
 //!   the insecure plaintext mode. Every frame after the handshake is sealed with
-//!   ChaCha20-Poly1305 by default (PROTOCOL.md §3.1).
+//!   the negotiated AEAD [`Suite`] (AES-256-GCM or ChaCha20-Poly1305, PROTOCOL.md §3.1).
 //! - [`datagram`]: migrateable datagram sockets (association tables, re-association, address
 //!   translation).
 //!
@@ -61,7 +61,7 @@ pub use datagram::{
 };
 pub use frame::{Frame, FrameError, RefuseReason};
 pub use image::{ImageError, StreamImage};
-pub use secure::{Identity, PeerPolicy, PreSharedKey, PublicKey, Security};
+pub use secure::{Identity, PeerPolicy, PreSharedKey, PublicKey, Security, Suite};
 pub use session::{
     Associating, Event, ForwardTable, FreezeError, HandshakeError, LocalInfo, Opened, PeerInfo,
     ProtocolViolation, ReadError, Session, SessionConfig, SessionError, Stats, Transmit,

@@ -27,7 +27,7 @@ use crate::frame::{
     DATA_HEADER_LEN, HEADER_LEN, MAX_FRAME_BODY, TAG_LEN,
 };
 use crate::image::StreamImage;
-use crate::secure::{PublicKey, Security};
+use crate::secure::{choose_suite, offer_codes, PublicKey, Security, Suite};
 use crate::types::{ConnId, EndpointId, Entropy, Epoch, Offset, SessionId};
 
 /// Every receiver accepts at least this many bytes beyond its read offset before it has
@@ -219,6 +219,10 @@ pub enum HandshakeError {
     /// One end runs the insecure plaintext mode and the other does not.
     #[error("security mode mismatch: one end runs insecure plaintext")]
     SecurityMismatch,
+    /// The two ends accept no AEAD suite in common, or the listener chose one the dialer did
+    /// not offer (PROTOCOL.md §5.1).
+    #[error("no cipher suite in common")]
+    NoCommonSuite,
 }
 
 impl HandshakeError {
@@ -227,7 +231,9 @@ impl HandshakeError {
         match self {
             HandshakeError::Refused(r) => *r,
             HandshakeError::Unauthorized => RefuseReason::Unauthorized,
-            HandshakeError::SecurityMismatch => RefuseReason::SecurityMismatch,
+            HandshakeError::SecurityMismatch | HandshakeError::NoCommonSuite => {
+                RefuseReason::SecurityMismatch
+            }
             HandshakeError::BadProof | HandshakeError::WeakKey => RefuseReason::BadProof,
             HandshakeError::Unexpected => RefuseReason::Protocol,
         }
@@ -580,6 +586,7 @@ impl Associating {
             insecure: security.insecure_plaintext,
             psk: security.psk().is_some(),
             identity: security.identity.as_ref().map(|i| i.public_key()),
+            suites: offer_codes(security.suite_list()),
         };
         let frame = Frame::Hello(hello.clone());
         let security = security.clone();
@@ -617,6 +624,13 @@ impl Associating {
         if w.psk != self.security.psk().is_some() || !self.security.admits(w.identity.as_ref()) {
             return Err(HandshakeError::Unauthorized);
         }
+        // The choice must be one we offered (a Welcome without one means ChaCha20-Poly1305).
+        // Both our offer and the choice are in the transcript the Welcome's MAC covers, so a
+        // downgrade on the path fails that MAC (PROTOCOL.md §5.1).
+        let suite = w.suite.unwrap_or(Suite::ChaCha20Poly1305);
+        if !self.hello.suites.contains(&suite.code()) {
+            return Err(HandshakeError::NoCommonSuite);
+        }
         let ee = self
             .eph
             .agree(&w.eph)
@@ -646,6 +660,7 @@ impl Associating {
         };
         let mut s = Session::new(config, w.session, self.local, peer, key, now);
         s.secure = !self.security.insecure_plaintext;
+        s.suite = suite;
         s.peer_identity = w.identity;
         // Key confirmation for the listener, before any other frame (PROTOCOL.md §5.1 step 4).
         s.first_tx = Some(confirm);
@@ -666,6 +681,8 @@ pub struct Session {
     key: SessionKey,
     /// Frames after the handshake are sealed (false only in the insecure plaintext mode).
     secure: bool,
+    /// The AEAD suite frames are sealed with, chosen at association (PROTOCOL.md §5.1).
+    suite: Suite,
     /// The peer's static key, if it presented one at association.
     peer_identity: Option<PublicKey>,
     /// The current connection's frame keys and counters (secure sessions with a link).
@@ -773,6 +790,7 @@ impl Session {
             epoch: Epoch(0),
             key,
             secure: true,
+            suite: Suite::ChaCha20Poly1305,
             peer_identity: None,
             traffic: None,
             seal_block: BytesMut::new(),
@@ -859,6 +877,8 @@ impl Session {
         if hello.psk != security.psk().is_some() || !security.admits(hello.identity.as_ref()) {
             return Err(HandshakeError::Unauthorized);
         }
+        let suite = choose_suite(&hello.suites, security.suite_list())
+            .ok_or(HandshakeError::NoCommonSuite)?;
         let eph = Ephemeral::new(entropy.secret);
         let ee = eph.agree(&hello.eph).map_err(|_| HandshakeError::WeakKey)?;
         let es = match &security.identity {
@@ -882,6 +902,8 @@ impl Session {
             insecure: security.insecure_plaintext,
             psk: security.psk().is_some(),
             identity: security.identity.as_ref().map(|i| i.public_key()),
+            // A dialer from before negotiation gets the Welcome it knows (ChaCha20-Poly1305).
+            suite: (!hello.suites.is_empty()).then_some(suite),
             mac: [0; 32],
         };
         let signed = w.signed();
@@ -897,6 +919,7 @@ impl Session {
         };
         let mut s = Session::new(config, id, local, peer, key, now);
         s.secure = !security.insecure_plaintext;
+        s.suite = suite;
         s.peer_identity = hello.identity;
         s.awaiting_confirm = Some(confirm);
         s.install_link(ProofOfKey(()), now, conn, false);
@@ -921,6 +944,7 @@ impl Session {
         );
         s.epoch = image.epoch;
         s.secure = image.secure;
+        s.suite = image.suite;
         s.peer_identity = image.peer_identity;
         s.dialer = true;
         s.next_dial = Some(now);
@@ -985,6 +1009,12 @@ impl Session {
     /// Whether frames are sealed (false only in the insecure plaintext mode).
     pub fn is_secure(&self) -> bool {
         self.secure
+    }
+
+    /// The AEAD suite this session's frames are sealed with (chosen at association, kept
+    /// across migrations; unused in the insecure plaintext mode).
+    pub fn suite(&self) -> Suite {
+        self.suite
     }
 
     /// The static public key the peer presented and proved at association, if any.
@@ -1248,6 +1278,7 @@ impl Session {
             epoch: self.epoch,
             key: self.key.clone(),
             secure: self.secure,
+            suite: self.suite,
             peer_identity: self.peer_identity,
             local: self.local,
             peer: self.peer,
@@ -2072,7 +2103,7 @@ impl Session {
         // start at 0 without ever repeating a nonce under a key (PROTOCOL.md §3.1).
         self.traffic = self
             .secure
-            .then(|| Traffic::new(&self.key, self.epoch, dialer));
+            .then(|| Traffic::new(&self.key, self.epoch, dialer, self.suite));
         if let Some(old) = self.link.take() {
             self.events.push_back(Event::CloseConnection(old.conn));
         }
@@ -2191,7 +2222,8 @@ impl Session {
             Some(traffic) => match Transmit::sealed(&t, traffic, &mut self.seal_block, more) {
                 Some(t) => Some(t),
                 None => {
-                    // 2^64 frames on one connection: start a fresh one (fresh keys).
+                    // The send key is used up (2^64 frames, or AES-GCM's byte limit): start a
+                    // fresh connection (fresh keys, PROTOCOL.md §3.1).
                     self.lose_link(now, true);
                     None
                 }

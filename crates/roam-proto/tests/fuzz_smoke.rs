@@ -24,7 +24,7 @@ use roam_proto::datagram::{dkind, Packet};
 use roam_proto::frame::{Accept, Confirm, Hello, Moved, Reassoc, Welcome};
 use roam_proto::{
     Associating, ConnId, EndpointId, Entropy, Epoch, Frame, LocalInfo, Offset, PublicKey,
-    RefuseReason, Session, SessionConfig, SessionId, StreamImage,
+    RefuseReason, Session, SessionConfig, SessionId, StreamImage, Suite,
 };
 use roam_proto::{DatagramConfig, DatagramImage, DatagramSocket, SocketId};
 use session_driver::{decode_ops, encode_ops, Harness, Op};
@@ -65,6 +65,19 @@ fn hello_flags() -> impl Strategy<Value = (bool, bool, Option<PublicKey>)> {
     )
 }
 
+/// An offer of suite codes (known or not; empty: a dialer from before negotiation).
+fn offer() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..=roam_proto::frame::MAX_OFFERED_SUITES)
+}
+
+/// A chosen suite, or none.
+fn chosen() -> impl Strategy<Value = Option<Suite>> {
+    proptest::option::of(prop_oneof![
+        Just(Suite::ChaCha20Poly1305),
+        Just(Suite::Aes256Gcm)
+    ])
+}
+
 /// Any valid frame.
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
@@ -74,18 +87,22 @@ fn frame() -> impl Strategy<Value = Frame> {
             any::<[u8; 32]>(),
             any::<[u8; 16]>(),
             hello_flags(),
+            offer(),
         )
-            .prop_map(|(e, contact, eph, nonce, (insecure, psk, identity))| {
-                Frame::Hello(Hello {
-                    endpoint: EndpointId(e),
-                    contact,
-                    eph,
-                    nonce,
-                    insecure,
-                    psk,
-                    identity,
-                })
-            }),
+            .prop_map(
+                |(e, contact, eph, nonce, (insecure, psk, identity), suites)| {
+                    Frame::Hello(Hello {
+                        endpoint: EndpointId(e),
+                        contact,
+                        eph,
+                        nonce,
+                        insecure,
+                        psk,
+                        identity,
+                        suites,
+                    })
+                }
+            ),
         (
             any::<[u8; 16]>(),
             any::<[u8; 16]>(),
@@ -94,9 +111,10 @@ fn frame() -> impl Strategy<Value = Frame> {
             any::<[u8; 16]>(),
             any::<[u8; 32]>(),
             hello_flags(),
+            chosen(),
         )
             .prop_map(
-                |(s, e, contact, eph, nonce, mac, (insecure, psk, identity))| {
+                |(s, e, contact, eph, nonce, mac, (insecure, psk, identity), suite)| {
                     Frame::Welcome(Welcome {
                         session: SessionId(s),
                         endpoint: EndpointId(e),
@@ -106,6 +124,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                         insecure,
                         psk,
                         identity,
+                        suite,
                         mac,
                     })
                 }
@@ -387,8 +406,8 @@ fn forged_images_with_huge_offsets_or_counters_are_inconsistent() {
         checks::seal_image(&b)
     };
     // The last field of the body is eight u64 counters; tx_acked follows the security mode,
-    // the (absent) peer identity and the two (IPv4) contacts.
-    const TX_ACKED: usize = 16 + 8 + 32 + 1 + 1 + 16 + 7 + 16 + 7;
+    // the suite, the (absent) peer identity and the two (IPv4) contacts.
+    const TX_ACKED: usize = 16 + 8 + 32 + 1 + 1 + 1 + 16 + 7 + 16 + 7;
     let n = body.len();
     for v in [u64::MAX, 1 << 62] {
         for at in (n - 64..n).step_by(8) {
@@ -553,6 +572,7 @@ fn write_seed_corpus() {
             insecure: false,
             psk: false,
             identity: Some(PublicKey([18; 32])),
+            suites: vec![2, 1],
         }),
         Frame::Welcome(Welcome {
             session: SessionId([4; 16]),
@@ -563,6 +583,7 @@ fn write_seed_corpus() {
             insecure: false,
             psk: true,
             identity: None,
+            suite: Some(Suite::Aes256Gcm),
             mac: [8; 32],
         }),
         Frame::Reassoc(Reassoc {
@@ -708,25 +729,34 @@ fn reassociation_below_the_acknowledged_offset_is_refused_not_looped() {
 /// Any valid datagram-socket packet.
 fn packet() -> impl Strategy<Value = Packet> {
     prop_oneof![
-        (any::<[u8; 16]>(), any::<[u8; 32]>(), any::<[u8; 16]>()).prop_map(|(s, eph, nonce)| {
-            Packet::Hello {
-                socket: SocketId(s),
-                eph,
-                nonce,
-            }
-        }),
+        (
+            any::<[u8; 16]>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 16]>(),
+            proptest::collection::vec(any::<u8>(), 1..=roam_proto::frame::MAX_OFFERED_SUITES)
+        )
+            .prop_map(|(s, eph, nonce, suites)| {
+                Packet::Hello {
+                    socket: SocketId(s),
+                    eph,
+                    nonce,
+                    suites,
+                }
+            }),
         (
             any::<[u8; 16]>(),
             any::<[u8; 16]>(),
             any::<[u8; 32]>(),
             any::<[u8; 16]>(),
+            prop_oneof![Just(Suite::ChaCha20Poly1305), Just(Suite::Aes256Gcm)],
             any::<[u8; 32]>()
         )
-            .prop_map(|(s, to, eph, nonce, mac)| Packet::Welcome {
+            .prop_map(|(s, to, eph, nonce, suite, mac)| Packet::Welcome {
                 socket: SocketId(s),
                 to: SocketId(to),
                 eph,
                 nonce,
+                suite,
                 mac
             }),
         (
@@ -971,6 +1001,7 @@ fn write_datagram_seed_corpus() {
                 socket: SocketId([1; 16]),
                 eph: [2; 32],
                 nonce: [3; 16],
+                suites: vec![2, 1],
             },
         ),
         (
@@ -980,6 +1011,7 @@ fn write_datagram_seed_corpus() {
                 to: SocketId([1; 16]),
                 eph: [5; 32],
                 nonce: [6; 16],
+                suite: Suite::Aes256Gcm,
                 mac: [7; 32],
             },
         ),
@@ -1126,11 +1158,12 @@ proptest! {
     #[test]
     fn mutated_handshakes_with_identities_never_panic_and_agree_when_they_complete(
         sel in any::<u8>(),
+        suite_sel in any::<u8>(),
         hmask in proptest::collection::vec(prop_oneof![3 => Just(0u8), 1 => any::<u8>()], 0..8),
         wmask in proptest::collection::vec(prop_oneof![3 => Just(0u8), 1 => any::<u8>()], 0..8),
     ) {
         let n = hmask.len().max(wmask.len());
-        let mut data = vec![sel];
+        let mut data = vec![sel, suite_sel];
         data.extend(hmask.iter().copied().chain(std::iter::repeat(0)).take(n));
         data.extend(wmask.iter().copied().chain(std::iter::repeat(0)).take(n));
         secure_checks::check_handshake(&data);
@@ -1158,6 +1191,19 @@ fn compatible_handshakes_complete_and_mismatches_do_not() {
     for sel in [0x08u8, 0x80, 0x04, 0x40, 0x02, 0x20] {
         assert!(!secure_checks::check_handshake(&[sel]), "{sel:#04x}");
     }
-    // Unmodified sealed traffic is delivered whole.
+    // Suite lists (dialer in bits 0-1, listener in bits 2-3): any pair with a suite in
+    // common completes (on the dialer's first preference, which check_handshake asserts);
+    // AES-256-GCM only against ChaCha20-Poly1305 only is refused.
+    for suites in 0..16u8 {
+        let (d, l) = (suites & 3, suites >> 2);
+        let disjoint = matches!((d, l), (2, 3) | (3, 2));
+        assert_eq!(
+            secure_checks::check_handshake(&[0x00, suites]),
+            !disjoint,
+            "{suites:#04x}"
+        );
+    }
+    // Unmodified sealed traffic is delivered whole, with either suite.
     assert_eq!(secure_checks::check_sealed(&[0, 100]), 100);
+    assert_eq!(secure_checks::check_sealed(&[0, 101]), 101);
 }

@@ -12,7 +12,7 @@ use roam_proto::frame::Moved;
 use roam_proto::{
     Associating, ConnId, EndpointId, Entropy, ForwardTable, Frame, FrameError, HandshakeError,
     Identity, ImageError, LocalInfo, PeerPolicy, PublicKey, RefuseReason, Security, Session,
-    SessionConfig, SessionError, SessionId, StreamImage,
+    SessionConfig, SessionError, SessionId, StreamImage, Suite,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -64,6 +64,12 @@ pub struct EndpointConfig {
     /// (`RefuseReason::SecurityMismatch`), and so is thawing an image of the other mode.
     /// Default `false`.
     pub insecure_plaintext: bool,
+    /// The AEAD suites for sealed frames, most preferred first (PROTOCOL.md §3.1, §5.1):
+    /// offered in this order when dialing; when accepting, the first of the dialer's offer
+    /// found here is chosen. Default [`Suite::DEFAULT_PREFERENCE`] (AES-256-GCM, then
+    /// ChaCha20-Poly1305); put ChaCha20-Poly1305 first on CPUs without AES instructions.
+    /// Thawed streams keep their image's suite.
+    pub suites: Vec<Suite>,
 }
 
 impl EndpointConfig {
@@ -71,7 +77,8 @@ impl EndpointConfig {
     pub fn security(&self) -> Security {
         let mut s = Security::new()
             .with_policy(self.peer_policy.clone())
-            .with_insecure_plaintext(self.insecure_plaintext);
+            .with_insecure_plaintext(self.insecure_plaintext)
+            .with_suites(self.suites.clone());
         if let Some(i) = &self.identity {
             s = s.with_identity(i.clone());
         }
@@ -92,6 +99,7 @@ impl Default for EndpointConfig {
             identity: None,
             peer_policy: PeerPolicy::TrustOnFirstUse,
             insecure_plaintext: false,
+            suites: Suite::DEFAULT_PREFERENCE.to_vec(),
         }
     }
 }

@@ -49,7 +49,7 @@ pub use monitor::{DatagramMonitor, StreamMonitor, StreamStatus};
 pub use roam_proto::{
     DatagramConfig, DatagramError, DatagramEvent, DatagramImage, DatagramStats, EndpointId, Epoch,
     FreezeError, Identity, ImageError, PeerEntry, PeerInfo, PeerPolicy, PreSharedKey, PublicKey,
-    RefuseReason, SessionConfig, SessionError, SessionId, SocketId, Stats, StreamImage,
+    RefuseReason, SessionConfig, SessionError, SessionId, SocketId, Stats, StreamImage, Suite,
 };
 pub use stream::{ReadHalf, Stream, WriteHalf};
 

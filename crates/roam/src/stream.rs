@@ -88,6 +88,12 @@ impl Stream {
         lock(&self.shared).core.is_secure()
     }
 
+    /// The AEAD suite the stream's frames are sealed with (negotiated at association, kept
+    /// across migrations; unused in the insecure plaintext mode).
+    pub fn suite(&self) -> roam_proto::Suite {
+        lock(&self.shared).core.suite()
+    }
+
     /// The current epoch (completed re-associations).
     pub fn epoch(&self) -> roam_proto::Epoch {
         lock(&self.shared).core.epoch()

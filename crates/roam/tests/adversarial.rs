@@ -149,8 +149,9 @@ fn reseal(bytes: &mut [u8]) {
 /// Byte offsets inside an image (IPv4 contacts): prefix 14, session 16, epoch 8, key 32.
 const IMG_EPOCH: usize = 14 + 16;
 const IMG_KEY: usize = IMG_EPOCH + 8;
-/// After the key: the security mode (1 byte) and the peer identity flag (1 byte, none here).
-const IMG_LOCAL_CONTACT: usize = IMG_KEY + 32 + 2 + 16;
+/// After the key: the security mode (1 byte), the suite (1 byte) and the peer identity flag (1
+/// byte, none here).
+const IMG_LOCAL_CONTACT: usize = IMG_KEY + 32 + 3 + 16;
 
 #[tokio::test]
 async fn corrupted_truncated_and_foreign_images_are_typed_errors() {
@@ -212,7 +213,7 @@ async fn corrupted_truncated_and_foreign_images_are_typed_errors() {
     assert_eq!(StreamImage::from_bytes(b"ROAM"), Err(ImageError::Truncated));
 
     // Another format version, even with a valid digest.
-    for v in [0u16, 1, 3, 0xffff] {
+    for v in [0u16, 1, 4, 0xffff] {
         let mut b = bytes.clone();
         b[8..10].copy_from_slice(&v.to_be_bytes());
         reseal(&mut b);
@@ -313,6 +314,7 @@ fn hello_bytes() -> Vec<u8> {
         insecure: false,
         psk: false,
         identity: None,
+        suites: vec![2, 1],
     })
     .to_bytes()
     .to_vec()

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use roam::proto::frame::{kind, HEADER_LEN};
 use roam::{
     ConnectError, Endpoint, EndpointConfig, Identity, ImageError, PeerPolicy, PreSharedKey,
-    RefuseReason, SealImage, Stream, StreamImage, ThawError,
+    RefuseReason, SealImage, Stream, StreamImage, Suite, ThawError,
 };
 use roam_testkit::{Dir, Mitm, Verdict};
 use sha2::{Digest, Sha256};
@@ -617,6 +617,76 @@ async fn downgrade_to_insecure_plaintext_is_refused_with_a_typed_error() {
         b.thaw(image).await,
         Err(ThawError::SecurityMismatch)
     ));
+}
+
+/// The offset of a default endpoint's `Hello` flags byte (no identity): after the frame header,
+/// magic, version, endpoint id, contact (v4), eph and nonce. The suite offer follows it.
+const HELLO_FLAGS_AT: usize = HEADER_LEN + 6 + 16 + 7 + 32 + 16;
+
+/// Connect a default dialer to a default listener through an attacker running `hook`.
+async fn connect_through(
+    hook: impl Fn(&roam_testkit::FrameEvent<'_>) -> Verdict + Send + Sync + 'static,
+) -> Result<Stream, ConnectError> {
+    let mitm = Mitm::bind(host(9)).await.unwrap();
+    let b = Endpoint::bind(host(3)).await.unwrap();
+    mitm.set_target(b.local_addr());
+    mitm.set_hook(hook);
+    let a = Endpoint::bind(host(2)).await.unwrap();
+    within("connect", a.connect(mitm.local_addr())).await
+}
+
+#[tokio::test]
+async fn suite_downgrade_on_the_path_is_detected() {
+    // Unaltered, two default endpoints settle on AES-256-GCM through the relay.
+    let s = connect_through(|_| Verdict::Forward).await.unwrap();
+    assert_eq!(s.suite(), Suite::Aes256Gcm);
+    let bad_proof = |r: &Result<Stream, ConnectError>| {
+        matches!(
+            r,
+            Err(ConnectError::Handshake(
+                roam::error::HandshakeError::BadProof
+            ))
+        )
+    };
+    // 1. The offer rewritten to ChaCha20-Poly1305 only (same length: [2, 1] → [1, 1]).
+    let r = connect_through(|e| {
+        if e.dir == Dir::Up && frame_type(e.frame) == kind::HELLO {
+            let mut f = e.frame.to_vec();
+            assert_eq!(&f[HELLO_FLAGS_AT + 1..], &[2, 2, 1]);
+            f[HELLO_FLAGS_AT + 2] = 1;
+            return Verdict::Replace(f);
+        }
+        Verdict::Forward
+    })
+    .await;
+    assert!(bad_proof(&r), "{r:?}");
+    // 2. The offer stripped: the Hello of a dialer from before negotiation (ChaCha20 only).
+    let r = connect_through(|e| {
+        if e.dir == Dir::Up && frame_type(e.frame) == kind::HELLO {
+            let mut f = e.frame.to_vec();
+            f.truncate(HELLO_FLAGS_AT + 1);
+            f[HELLO_FLAGS_AT] &= !roam::proto::frame::flags::SUITES;
+            let len = (f.len() - HEADER_LEN) as u32;
+            f[1..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+            return Verdict::Replace(f);
+        }
+        Verdict::Forward
+    })
+    .await;
+    assert!(bad_proof(&r), "{r:?}");
+    // 3. The listener's choice rewritten to ChaCha20-Poly1305 (which the dialer did offer).
+    let r = connect_through(|e| {
+        if e.dir == Dir::Down && frame_type(e.frame) == kind::WELCOME {
+            let mut f = e.frame.to_vec();
+            let at = f.len() - roam::proto::frame::MAC_LEN - 1;
+            assert_eq!(f[at], Suite::Aes256Gcm.code());
+            f[at] = Suite::ChaCha20Poly1305.code();
+            return Verdict::Replace(f);
+        }
+        Verdict::Forward
+    })
+    .await;
+    assert!(bad_proof(&r), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

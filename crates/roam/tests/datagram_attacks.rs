@@ -414,6 +414,7 @@ async fn flood_of_10000_garbage_datagrams_and_hellos_leaves_the_association_deli
                         socket: SocketId(s),
                         eph,
                         nonce,
+                        suites: vec![2, 1],
                     }
                     .encode()
                     .to_vec()

@@ -111,7 +111,7 @@ fn reassoc_under(key: &[u8; 32], assoc: u64, epoch: u64) -> Bytes {
 
 /// (association id, key) of every association in an encoded datagram image, read from its
 /// body layout (PROTOCOL.md §10.4): id, epoch, origin, count, then per association id, peer
-/// socket id, key, known address, address, peer epoch, packet counter, replay window (18
+/// socket id, key, suite, known address, address, peer epoch, packet counter, replay window (18
 /// words), confirmed flag and held datagrams.
 fn image_keys(image: &[u8]) -> Vec<(u64, [u8; 32])> {
     struct R<'a>(&'a [u8]);
@@ -141,6 +141,7 @@ fn image_keys(image: &[u8]) -> Vec<(u64, [u8; 32])> {
         let id = r.u64();
         r.take(16);
         let key: [u8; 32] = r.take(32).try_into().unwrap();
+        r.take(1); // the suite
         r.addr();
         r.addr();
         r.u64();

@@ -232,6 +232,7 @@ fn hello_flood_keeps_half_open_associations_bounded_and_established_ones_intact(
             socket: SocketId(s),
             eph,
             nonce: [0; 16],
+            suites: vec![2, 1],
         };
         net.inject(
             addr(100 + (k % 50) as u8, 5000 + k as u16),
