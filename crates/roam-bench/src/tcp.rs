@@ -13,24 +13,32 @@ const CHUNK: usize = 64 * 1024;
 const MSG: usize = 64;
 
 /// The throughput benchmark's transports, in the order each round runs them.
-const THROUGHPUT: [Transport; 5] = [
+const THROUGHPUT: [Transport; 6] = [
     Transport::Roam,
     Transport::RawTcp,
     Transport::RoamEncrypted,
     Transport::Tls,
+    Transport::RoamChaCha,
     Transport::Quinn,
 ];
-/// Its rows: (measured, baseline). Plaintext roam against raw TCP; encrypted roam against the
-/// encrypted baselines.
-const THROUGHPUT_ROWS: [(Transport, Transport); 3] = [
+/// Its rows: (measured, baseline). Plaintext roam against raw TCP; encrypted roam (either
+/// suite) against the encrypted baselines.
+const THROUGHPUT_ROWS: [(Transport, Transport); 4] = [
     (Transport::Roam, Transport::RawTcp),
     (Transport::RoamEncrypted, Transport::Tls),
+    (Transport::RoamChaCha, Transport::Tls),
     (Transport::RoamEncrypted, Transport::Quinn),
 ];
 /// The latency benchmark's transports, and its rows.
-const LATENCY: [Transport; 3] = [Transport::Roam, Transport::RawTcp, Transport::Quinn];
-const LATENCY_ROWS: [(Transport, Transport); 2] = [
+const LATENCY: [Transport; 4] = [
+    Transport::Roam,
+    Transport::RawTcp,
+    Transport::RoamEncrypted,
+    Transport::Quinn,
+];
+const LATENCY_ROWS: [(Transport, Transport); 3] = [
     (Transport::Roam, Transport::RawTcp),
+    (Transport::RoamEncrypted, Transport::RawTcp),
     (Transport::Roam, Transport::Quinn),
 ];
 
@@ -154,11 +162,12 @@ pub async fn throughput(p: &Params) -> Result<Bench, BoxError> {
             format!(
                 "{mib:.0} MiB one way per round, 64 KiB writes; timed from the first write to \
                  end-of-stream at the reader; fresh connection each round, the transports \
-                 interleaved (plaintext roam, raw TCP, encrypted roam, TLS, quinn) in every round"
+                 interleaved (plaintext roam, raw TCP, encrypted roam, TLS, roam ChaCha20, quinn) \
+                 in every round"
             ),
             "plaintext roam = EndpointConfig::insecure_plaintext (benchmarks only) against raw \
-             TCP; encrypted roam (the default: ChaCha20-Poly1305 sealed frames) against TLS 1.3 \
-             and quinn"
+             TCP; encrypted roam (the default: AES-256-GCM sealed frames, negotiated) and roam \
+             restricted to ChaCha20-Poly1305 against TLS 1.3 and quinn"
                 .into(),
         ],
     })
@@ -229,8 +238,10 @@ pub async fn latency(p: &Params) -> Result<Bench, BoxError> {
                 let runs = trips.get(t);
                 Stat::pct_over(&runs.concat(), q, runs)
             };
-            let name = if b == Transport::RawTcp {
+            let name = if (m, b) == (Transport::Roam, Transport::RawTcp) {
                 format!("64 B round trip {name}")
+            } else if b == Transport::RawTcp {
+                format!("64 B round trip {name}, {} vs {}", m.short(), b.short())
             } else {
                 format!("64 B round trip {name}, vs {}", b.short())
             };

@@ -2,9 +2,10 @@
 //! TCP, a quinn stream). Each gives a connected pair of byte streams from 127.0.0.2 to
 //! 127.0.0.3, boxed behind one type so every benchmark loop treats them alike.
 //!
-//! roam comes in two variants: [`Transport::RoamEncrypted`] (the default configuration:
-//! ChaCha20-Poly1305 on every frame), compared with TLS and quinn, and [`Transport::Roam`]
-//! (`EndpointConfig::insecure_plaintext`), compared with raw TCP.
+//! roam comes in three variants: [`Transport::RoamEncrypted`] (the default configuration, which
+//! negotiates AES-256-GCM on every frame), and [`Transport::RoamChaCha`] (ChaCha20-Poly1305, the
+//! suite for CPUs without AES instructions), compared with TLS and quinn, and
+//! [`Transport::Roam`] (`EndpointConfig::insecure_plaintext`), compared with raw TCP.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -42,8 +43,10 @@ pub(crate) struct Pair {
 pub(crate) enum Transport {
     /// One roam stream in the insecure plaintext mode (`EndpointConfig::insecure_plaintext`).
     Roam,
-    /// One roam stream in the default, encrypted mode (ChaCha20-Poly1305 sealed frames).
+    /// One roam stream in the default, encrypted mode (AES-256-GCM sealed frames, negotiated).
     RoamEncrypted,
+    /// One roam stream whose endpoints accept only ChaCha20-Poly1305.
+    RoamChaCha,
     /// A raw tokio `TcpStream`, nodelay on both ends.
     RawTcp,
     /// TLS 1.3 over a nodelay `TcpStream` (tokio-rustls, ring provider, self-signed certificate).
@@ -59,6 +62,7 @@ impl Transport {
         match self {
             Transport::Roam => "roam",
             Transport::RoamEncrypted => "encrypted roam",
+            Transport::RoamChaCha => "roam ChaCha20",
             Transport::RawTcp => "raw TCP",
             Transport::Tls => "TLS 1.3/TCP",
             Transport::Quinn => "quinn",
@@ -69,7 +73,8 @@ impl Transport {
     pub(crate) fn describe(self) -> &'static str {
         match self {
             Transport::Roam => "roam stream (insecure plaintext mode)",
-            Transport::RoamEncrypted => "encrypted roam = roam stream, default configuration (ChaCha20-Poly1305)",
+            Transport::RoamEncrypted => "encrypted roam = roam stream, default configuration (AES-256-GCM negotiated)",
+            Transport::RoamChaCha => "roam ChaCha20 = roam stream, endpoints accepting only ChaCha20-Poly1305",
             Transport::RawTcp => "raw TCP = tokio TcpStream, nodelay",
             Transport::Tls => "TLS 1.3/TCP = tokio-rustls over nodelay TcpStream, ring, rustls' default TLS 1.3 suites",
             Transport::Quinn => "quinn = one stream of a quinn 0.11 connection, ring, default transport config",
@@ -79,9 +84,12 @@ impl Transport {
     /// A fresh connected pair.
     pub(crate) async fn pair(self, crypto: &Crypto) -> Result<Pair, BoxError> {
         match self {
-            Transport::Roam | Transport::RoamEncrypted => {
+            Transport::Roam | Transport::RoamEncrypted | Transport::RoamChaCha => {
                 let mut config = roam::EndpointConfig::default();
                 config.insecure_plaintext = self == Transport::Roam;
+                if self == Transport::RoamChaCha {
+                    config.suites = vec![roam::Suite::ChaCha20Poly1305];
+                }
                 let a = roam::Endpoint::bind_with(host(2), config.clone()).await?;
                 let b = roam::Endpoint::bind_with(host(3), config).await?;
                 let (s, t) = within(SETUP, "roam connect", async {
