@@ -168,7 +168,7 @@ pub(crate) struct Traffic {
     tx_count: u64,
     rx_count: u64,
     /// Plaintext bytes this direction key may still seal (the suite's usage limit).
-    tx_budget: u64,
+    pub(crate) tx_budget: u64,
 }
 
 /// This connection's send key is used up: 2^64 frames, or the suite's byte limit

@@ -339,7 +339,12 @@ impl Transmit {
         }
         block.extend_from_slice(t.header());
         block.extend_from_slice(&t.payload);
-        let tag = traffic.seal(&header[..HEADER_LEN], &mut block[..]).ok()?;
+        let Ok(tag) = traffic.seal(&header[..HEADER_LEN], &mut block[..]) else {
+            // The key is used up: this frame goes nowhere, and must not be sealed along with
+            // the next one (the block holds nothing else: every frame is split off).
+            block.clear();
+            return None;
+        };
         block.extend_from_slice(&tag);
         Some(Transmit {
             header,
@@ -2365,5 +2370,83 @@ impl Session {
             }
         }
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(n: u8) -> LocalInfo {
+        LocalInfo {
+            endpoint: EndpointId([n; 16]),
+            contact: std::net::SocketAddr::from(([127, 0, 0, n], 7000)),
+        }
+    }
+
+    fn ent(n: u8) -> Entropy {
+        Entropy {
+            secret: [n; 32],
+            nonce: [n; 16],
+        }
+    }
+
+    /// An AES-256-GCM key that reaches its byte limit drops the connection (the session then
+    /// re-associates under fresh keys, as after any loss) and seals nothing more under it; the
+    /// frames sealed before the limit open, and no refused frame leaks into a later one.
+    #[test]
+    fn a_used_up_aes_gcm_key_drops_the_connection() {
+        let now = Instant::now();
+        let (assoc, hello) = Associating::new(local(2), &ent(3));
+        let Frame::Hello(h) = hello else {
+            unreachable!()
+        };
+        let (mut l, welcome) = Session::accept_hello(
+            now,
+            ConnId(1),
+            &h,
+            SessionId([9; 16]),
+            local(4),
+            &ent(5),
+            SessionConfig::default(),
+        )
+        .unwrap();
+        let mut d = assoc
+            .handle(now, ConnId(1), welcome, SessionConfig::default())
+            .unwrap();
+        assert_eq!((d.suite(), l.suite()), (Suite::Aes256Gcm, Suite::Aes256Gcm));
+        let confirm = d.poll_transmit(now).unwrap();
+        l.handle_frame(
+            now,
+            ConnId(1),
+            Frame::decode_exact(&confirm.to_vec()).unwrap(),
+        )
+        .unwrap();
+        // Room for one 1,000-byte Data frame (its inner header is 29 bytes), not two.
+        d.traffic.as_mut().unwrap().tx_budget = 1100;
+        let mut delivered = 0;
+        for round in 0..2 {
+            d.write(&[round as u8; 1000]).unwrap();
+            while let Some(t) = d.poll_transmit(now) {
+                let f = Frame::decode_exact(&t.to_vec()).unwrap();
+                l.handle_frame(now, ConnId(1), f).unwrap();
+                delivered += 1;
+                assert!(delivered < 10, "kept sealing past the limit");
+            }
+        }
+        assert_eq!(delivered, 1);
+        assert!(
+            d.seal_block.is_empty(),
+            "the refused frame was left in the block"
+        );
+        let mut lost = false;
+        while let Some(e) = d.poll_event() {
+            lost |= e == Event::CloseConnection(ConnId(1));
+        }
+        assert!(lost, "the connection was not dropped");
+        assert!(d.poll_transmit(now).is_none());
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(l.read(&mut buf), Ok(1000));
+        assert!(buf[..1000].iter().all(|&b| b == 0));
     }
 }
