@@ -704,31 +704,40 @@ async fn flood_of_10000_garbage_connections_leaves_an_established_session_intact
     // hostile header) and closing.
     let target = b.local_addr();
     let done = Arc::new(AtomicU64::new(0));
+    // The attacker is another program: its own thread and runtime, so its 128 tasks compete
+    // with the endpoint for the CPUs (as they would on one machine), not for the endpoint's
+    // task scheduler. It ends by itself after its 10,000 connections.
     let flood = {
         let done = done.clone();
-        tokio::spawn(async move {
-            let sem = Arc::new(tokio::sync::Semaphore::new(128));
-            let mut tasks = Vec::new();
-            for i in 0..10_000u32 {
-                let permit = sem.clone().acquire_owned().await.unwrap();
-                let done = done.clone();
-                tasks.push(tokio::spawn(async move {
-                    if let Ok(mut tcp) = TcpStream::connect(target).await {
-                        let junk: Vec<u8> = match i % 4 {
-                            0 => random_bytes(u64::from(i), 64),
-                            1 => vec![kind::HELLO, 0xff, 0xff, 0xff, 0xff],
-                            2 => vec![kind::SEALED, 0, 0, 0, 40, 1, 2, 3],
-                            _ => Vec::new(),
-                        };
-                        let _ = tcp.write_all(&junk).await;
-                    }
-                    done.fetch_add(1, Ordering::Relaxed);
-                    drop(permit);
-                }));
-            }
-            for t in tasks {
-                let _ = t.await;
-            }
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let sem = Arc::new(tokio::sync::Semaphore::new(128));
+                let mut tasks = Vec::new();
+                for i in 0..10_000u32 {
+                    let permit = sem.clone().acquire_owned().await.unwrap();
+                    let done = done.clone();
+                    tasks.push(tokio::spawn(async move {
+                        if let Ok(mut tcp) = TcpStream::connect(target).await {
+                            let junk: Vec<u8> = match i % 4 {
+                                0 => random_bytes(u64::from(i), 64),
+                                1 => vec![kind::HELLO, 0xff, 0xff, 0xff, 0xff],
+                                2 => vec![kind::SEALED, 0, 0, 0, 40, 1, 2, 3],
+                                _ => Vec::new(),
+                            };
+                            let _ = tcp.write_all(&junk).await;
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                        drop(permit);
+                    }));
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            })
         })
     };
     // Throughput during the flood (repeat transfers until the flood is over, at least one).
@@ -742,7 +751,7 @@ async fn flood_of_10000_garbage_connections_leaves_an_established_session_intact
         }
     }
     let during = moved as f64 / t1.elapsed().as_secs_f64();
-    within("flood", flood).await.unwrap();
+    flood.join().unwrap();
     assert_eq!(done.load(Ordering::Relaxed), 10_000);
     let ratio = during / before;
     eprintln!(
@@ -750,13 +759,11 @@ async fn flood_of_10000_garbage_connections_leaves_an_established_session_intact
         before / (1 << 20) as f64,
         during / (1 << 20) as f64
     );
-    // The flood, not the session, bounds the throughput during it (about 30-60 MiB/s in a debug
-    // build on 2 CPUs, whichever suite), so the ratio falls as the session gets faster: with
-    // AES-256-GCM (the default since suite negotiation) `before` is about 1.5x what it was with
-    // ChaCha20-Poly1305 and the ratio measured 0.08-0.14 where ChaCha20 gave 0.11-0.29. The
-    // bound catches a session starved by the flood, not a slower one.
+    // Issue 5: "within the same order of magnitude". With the attacker's tasks on the
+    // endpoint's own runtime (as this test first had it) the scheduler, not roam, set the
+    // figure: 0.08-0.29 depending on the suite. On its own runtime: 0.59-0.62 here.
     assert!(
-        ratio > 0.05,
+        ratio > 0.1,
         "throughput during the flood fell to {ratio:.3} of before"
     );
     let st = s.stats();
