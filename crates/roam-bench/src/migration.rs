@@ -57,8 +57,9 @@ impl RoamMover {
         })
     }
 
-    /// One migration: its time in milliseconds and the image size in bytes.
-    async fn step(&mut self) -> Result<(f64, usize), BoxError> {
+    /// One migration: its time in milliseconds, the image size in bytes, and the time of
+    /// each phase (freeze, image bytes, thaw, marker delivered) in milliseconds.
+    async fn step(&mut self) -> Result<(f64, usize, [f64; 4]), BoxError> {
         let i = self.done;
         let in_flight = self.payload.len();
         let mut s = self.s.take().ok_or("an earlier migration failed")?;
@@ -66,20 +67,31 @@ impl RoamMover {
         within(STEP, "write in-flight data", s.write_all(&self.payload)).await?;
         let start = Instant::now();
         let image = within(STEP, "freeze", s.freeze()).await?;
+        let frozen = Instant::now();
         let bytes = image.to_bytes();
         let image = roam::StreamImage::from_bytes(&bytes)?;
+        let imaged = Instant::now();
         let to = &self.movers[(i + 1) % self.movers.len()];
         let mut s = within(STEP, "thaw", to.thaw(image)).await?;
+        let thawed = Instant::now();
         let marker = i as u8;
         within(STEP, "write marker", s.write_all(&[marker])).await?;
         within(STEP, "peer read", self.t.read_exact(&mut self.sink)).await?;
-        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let end = Instant::now();
+        let ms = (end - start).as_secs_f64() * 1e3;
+        let phase = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        let phases = [
+            phase(start, frozen),
+            phase(frozen, imaged),
+            phase(imaged, thawed),
+            phase(thawed, end),
+        ];
         self.s = Some(s);
         self.done += 1;
         if self.sink[in_flight] != marker || self.sink[..in_flight].iter().any(|&b| b != 0xa5) {
             return Err(format!("migration {i}: the peer read wrong bytes").into());
         }
-        Ok((ms, bytes.len()))
+        Ok((ms, bytes.len(), phases))
     }
 }
 
@@ -181,6 +193,7 @@ pub async fn migration(p: &Params) -> Result<Bench, BoxError> {
     let mut quinn = Vec::new();
     let mut rows = Vec::new();
     let mut sizes = Vec::new();
+    let mut phase_notes = Vec::new();
     for (in_flight, n) in cases {
         let n = n.max(1);
         let mut mover = RoamMover::new(in_flight).await?;
@@ -191,10 +204,14 @@ pub async fn migration(p: &Params) -> Result<Bench, BoxError> {
         };
         let mut times = Vec::with_capacity(n);
         let mut image = Vec::with_capacity(n);
+        let mut phases: [Vec<f64>; 4] = Default::default();
         for _ in 0..n {
-            let (ms, size) = mover.step().await?;
+            let (ms, size, phase) = mover.step().await?;
             times.push(ms);
             image.push(size as f64);
+            for (all, t) in phases.iter_mut().zip(phase) {
+                all.push(t);
+            }
             if let Some(r) = rebinder.as_mut() {
                 quinn.push(r.step().await?);
             }
@@ -220,6 +237,14 @@ pub async fn migration(p: &Params) -> Result<Bench, BoxError> {
             rows.push(row);
         }
         sizes.push(format!("{label}: {:.0} B", Stat::min_max(&image).median));
+        let p50 = |v: &[f64]| crate::pct(&crate::sorted(v), 0.5);
+        phase_notes.push(format!(
+            "{label}: freeze {:.3}, image {:.3}, thaw {:.3}, until the peer read the marker {:.3}",
+            p50(&phases[0]),
+            p50(&phases[1]),
+            p50(&phases[2]),
+            p50(&phases[3])
+        ));
     }
     Ok(Bench {
         name: "migration".into(),
@@ -244,6 +269,10 @@ pub async fn migration(p: &Params) -> Result<Bench, BoxError> {
             "session send/receive capacity 16 MiB on all roam endpoints, so 8 MiB fit unread"
                 .into(),
             format!("median image size: {}", sizes.join(", ")),
+            format!(
+                "phases, p50 of each (ms; they need not add up to the total's p50): {}",
+                phase_notes.join("; ")
+            ),
         ],
     })
 }
