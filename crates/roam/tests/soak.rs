@@ -897,7 +897,9 @@ async fn soak(p: Arc<Params>) -> Rss {
             let s = s?;
             peak.fetch_max(rss_kib(), Ordering::Relaxed);
             let _ = all_connected.wait_for(|c| *c >= p.sessions).await;
-            mover(s, movers, p, i as u64, migrations, live).await
+            // The phase sizes and destinations differ per session and per `ROAM_SOAK_SEED`.
+            let rng_seed = (p.seed << 32) ^ i as u64;
+            mover(s, movers, p, rng_seed, migrations, live).await
         });
     }
     // Progress every 10 s (also what a hang looks like).
