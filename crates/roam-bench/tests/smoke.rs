@@ -48,12 +48,20 @@ async fn every_benchmark_runs_tiny() {
         assert!(by_name(n).rows.iter().all(|r| r.ratio.is_some()), "{n}");
     }
     assert!(by_name("udp").rows[0].ratio.is_some());
-    // The TLS and quinn baselines ran: throughput against raw TCP, TLS and quinn, latency
-    // against raw TCP and quinn (p50 and p99 each), migration against quinn's rebind.
+    // The TLS and quinn baselines ran: throughput of plaintext roam against raw TCP, of
+    // encrypted roam and roam ChaCha20 against TLS, of encrypted roam against quinn; latency of
+    // plaintext and encrypted roam against raw TCP and of plaintext roam against quinn (p50
+    // and p99 each); migration against quinn's rebind.
     let against =
         |n: &str| -> Vec<String> { by_name(n).rows.iter().map(|r| r.against.clone()).collect() };
-    assert_eq!(against("throughput"), ["raw TCP", "TLS 1.3/TCP", "quinn"]);
-    assert_eq!(against("latency"), ["raw TCP", "raw TCP", "quinn", "quinn"]);
+    assert_eq!(
+        against("throughput"),
+        ["raw TCP", "TLS 1.3/TCP", "TLS 1.3/TCP", "quinn"]
+    );
+    assert_eq!(
+        against("latency"),
+        ["raw TCP", "raw TCP", "raw TCP", "raw TCP", "quinn", "quinn"]
+    );
     let migration = by_name("migration");
     let rebind: Vec<_> = migration
         .rows
