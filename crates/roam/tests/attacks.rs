@@ -6,14 +6,13 @@
 //! address, so re-associations go through it too. Data is random and checked with SHA-256 at
 //! the receiver: a session either delivers exactly the bytes written, or fails cleanly.
 
-use std::future::Future;
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::{RngCore, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use roam::proto::frame::{kind, HEADER_LEN};
 use roam::{
     ConnectError, Endpoint, EndpointConfig, Identity, ImageError, PeerPolicy, PreSharedKey,
@@ -24,19 +23,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Longest any single step may take before the test fails.
-const BOUND: Duration = Duration::from_secs(20);
-
-fn host(n: u8) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, n], 0))
-}
-
-async fn within<F: Future>(what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(BOUND, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: timed out after {BOUND:?}"),
-    }
-}
+use common::{host, random_bytes, sha, transfer, within};
 
 /// A 32-byte marker that must never appear on the wire in clear.
 fn marker() -> [u8; 32] {
@@ -45,12 +32,6 @@ fn marker() -> [u8; 32] {
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
-}
-
-fn random_bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut v);
-    v
 }
 
 /// Endpoints `a` (dialer) and `b` (listener, reachable only through `mitm`), and the stream
@@ -75,36 +56,6 @@ async fn through_mitm(mut ca: EndpointConfig, mut cb: EndpointConfig) -> Setup {
         .unwrap();
     let t = within("accept", b.accept()).await.unwrap();
     Setup { a, b, mitm, s, t }
-}
-
-/// Send `data` from `w` to `r` and return the SHA-256 of what `r` read (exactly `data.len()`
-/// bytes).
-async fn transfer(w: &mut Stream, r: &mut Stream, data: &[u8]) -> [u8; 32] {
-    let n = data.len();
-    let send = async {
-        for c in data.chunks(16 * 1024) {
-            w.write_all(c).await.unwrap();
-        }
-        w.flush().await.unwrap();
-    };
-    let recv = async {
-        let mut h = Sha256::new();
-        let mut got = 0;
-        let mut buf = vec![0u8; 64 * 1024];
-        while got < n {
-            let k = r.read(&mut buf[..(n - got).min(64 * 1024)]).await.unwrap();
-            assert!(k > 0, "unexpected end of stream after {got} bytes");
-            h.update(&buf[..k]);
-            got += k;
-        }
-        <[u8; 32]>::from(h.finalize())
-    };
-    let ((), digest) = within("transfer", async { tokio::join!(send, recv) }).await;
-    digest
-}
-
-fn sha(data: &[u8]) -> [u8; 32] {
-    Sha256::digest(data).into()
 }
 
 /// Data with the marker inside every 4 KiB.

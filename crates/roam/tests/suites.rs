@@ -5,68 +5,23 @@
 //!
 //! No timed assertions: every wait is bounded only to turn a hang into a failure.
 
-use std::future::Future;
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use rand::{RngCore, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use roam::error::HandshakeError;
 use roam::{
     ConnectError, Datagram, DatagramConfig, DatagramEvent, Endpoint, EndpointConfig, RefuseReason,
     Stream, Suite,
 };
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BOUND: Duration = Duration::from_secs(20);
-
-fn host(n: u8) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, n], 0))
-}
-
-async fn within<F: Future>(what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(BOUND, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: timed out after {BOUND:?}"),
-    }
-}
+use common::{host, random_bytes, sha, transfer, within};
 
 fn config(suites: &[Suite]) -> EndpointConfig {
     let mut c = EndpointConfig::default();
     c.suites = suites.to_vec();
     c
-}
-
-fn random_bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut v);
-    v
-}
-
-/// Send `data` from `w` to `r`; whether `r` read exactly it (compared by SHA-256).
-async fn transfer(w: &mut Stream, r: &mut Stream, data: &[u8]) -> bool {
-    let n = data.len();
-    let send = async {
-        for c in data.chunks(16 * 1024) {
-            w.write_all(c).await.unwrap();
-        }
-        w.flush().await.unwrap();
-    };
-    let recv = async {
-        let mut h = Sha256::new();
-        let mut got = 0;
-        let mut buf = vec![0u8; 64 * 1024];
-        while got < n {
-            let k = r.read(&mut buf[..(n - got).min(64 * 1024)]).await.unwrap();
-            assert!(k > 0, "unexpected end of stream after {got} bytes");
-            h.update(&buf[..k]);
-            got += k;
-        }
-        <[u8; 32]>::from(h.finalize())
-    };
-    let ((), digest) = within("transfer", async { tokio::join!(send, recv) }).await;
-    digest == <[u8; 32]>::from(Sha256::digest(data))
 }
 
 /// Associate a dialer accepting `dialer` with a listener accepting `listener`.
@@ -97,8 +52,14 @@ async fn the_default_is_aes_256_gcm_and_the_dialers_preference_decides() {
         assert_eq!((s.suite(), t.suite()), (want, want), "case {i}");
         assert!(s.is_secure() && t.is_secure());
         let data = random_bytes(i as u64, 200_000);
-        assert!(transfer(&mut s, &mut t, &data).await, "case {i}");
-        assert!(transfer(&mut t, &mut s, &data).await, "case {i}");
+        assert!(
+            transfer(&mut s, &mut t, &data).await == sha(&data),
+            "case {i}"
+        );
+        assert!(
+            transfer(&mut t, &mut s, &data).await == sha(&data),
+            "case {i}"
+        );
     }
     assert_eq!(EndpointConfig::default().suites, Suite::DEFAULT_PREFERENCE);
 }
@@ -140,8 +101,14 @@ async fn a_migrated_stream_keeps_its_suite_wherever_it_is_thawed() {
         let mut s = within("thaw", c.thaw(image)).await.unwrap();
         assert_eq!((s.suite(), t.suite()), (suite, suite));
         let data = random_bytes(10 + i as u64, 300_000);
-        assert!(transfer(&mut s, &mut t, &data).await, "{suite}");
-        assert!(transfer(&mut t, &mut s, &data).await, "{suite}");
+        assert!(
+            transfer(&mut s, &mut t, &data).await == sha(&data),
+            "{suite}"
+        );
+        assert!(
+            transfer(&mut t, &mut s, &data).await == sha(&data),
+            "{suite}"
+        );
         assert_eq!(s.epoch(), roam::Epoch(1));
     }
 }
