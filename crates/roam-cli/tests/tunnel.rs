@@ -59,6 +59,49 @@ fn redis_server(procs: &mut Procs) -> u16 {
     port
 }
 
+/// Both tunnel ends with a fault relay between them. `[serve, relay, local]` are the IPs: the
+/// server end listens on `serve` and forwards to `forward`, advertising the relay (on `relay`)
+/// so every connection and reconnection goes through it; the client end listens on `local`.
+/// The relay and the client end's local address.
+fn tunnel_ends_through_relay(
+    rt: &tokio::runtime::Runtime,
+    procs: &mut Procs,
+    state: &Path,
+    [serve, relay, local]: [&str; 3],
+    forward: &str,
+) -> (roam_testkit::Relay, String) {
+    let serve: SocketAddr = format!("{serve}:{}", free_port(serve)).parse().unwrap();
+    let relay = rt
+        .block_on(roam_testkit::Relay::start(
+            format!("{relay}:0").parse().unwrap(),
+            serve,
+        ))
+        .unwrap();
+    let relay_addr = relay.local_addr().to_string();
+    tunnel(
+        procs,
+        Command::new(ROAM),
+        state,
+        &[
+            "serve",
+            "--listen",
+            &serve.to_string(),
+            "--forward",
+            forward,
+            "--advertise",
+            &relay_addr,
+        ],
+    );
+    let local = format!("{local}:{}", free_port(local));
+    tunnel(
+        procs,
+        Command::new(ROAM),
+        state,
+        &["listen", "--local", &local, "--to-peer", &relay_addr],
+    );
+    (relay, local)
+}
+
 /// redis through the tunnel while the fault relay between the tunnel ends kills every roam
 /// connection again and again, and stalls them now and then: every command is answered, no client sees a connection error,
 /// and the server holds exactly what was written.
@@ -72,40 +115,14 @@ fn redis_through_a_tunnel_whose_connection_is_killed_repeatedly() {
     let state = tempfile::tempdir().unwrap();
     let mut procs = Procs(Vec::new());
     let redis = redis_server(&mut procs);
-    let serve: SocketAddr = format!("127.0.0.42:{}", free_port("127.0.0.42"))
-        .parse()
-        .unwrap();
-    // The relay sits between the tunnel ends; the server end advertises it, so reconnections
-    // go through it too.
-    let relay = std::sync::Arc::new(
-        rt.block_on(roam_testkit::Relay::start(
-            "127.0.0.43:0".parse().unwrap(),
-            serve,
-        ))
-        .unwrap(),
-    );
-    let relay_addr = relay.local_addr().to_string();
-    tunnel(
+    let (relay, local) = tunnel_ends_through_relay(
+        &rt,
         &mut procs,
-        Command::new(ROAM),
         state.path(),
-        &[
-            "serve",
-            "--listen",
-            &serve.to_string(),
-            "--forward",
-            &format!("127.0.0.1:{redis}"),
-            "--advertise",
-            &relay_addr,
-        ],
+        ["127.0.0.42", "127.0.0.43", "127.0.0.41"],
+        &format!("127.0.0.1:{redis}"),
     );
-    let local = format!("127.0.0.41:{}", free_port("127.0.0.41"));
-    tunnel(
-        &mut procs,
-        Command::new(ROAM),
-        state.path(),
-        &["listen", "--local", &local, "--to-peer", &relay_addr],
-    );
+    let relay = std::sync::Arc::new(relay);
     let (host, port) = local.split_once(':').unwrap();
 
     // The fault schedule: every 150 ms, for as long as the clients run (bounded), kill every
@@ -410,37 +427,8 @@ fn a_session_cut_mid_handshake_is_opened_again_and_the_program_never_notices() {
     let state = tempfile::tempdir().unwrap();
     let mut procs = Procs(Vec::new());
     let forward = line_echo_server();
-    let serve: SocketAddr = format!("127.0.0.45:{}", free_port("127.0.0.45"))
-        .parse()
-        .unwrap();
-    let relay = rt
-        .block_on(roam_testkit::Relay::start(
-            "127.0.0.45:0".parse().unwrap(),
-            serve,
-        ))
-        .unwrap();
-    let relay_addr = relay.local_addr().to_string();
-    tunnel(
-        &mut procs,
-        Command::new(ROAM),
-        state.path(),
-        &[
-            "serve",
-            "--listen",
-            &serve.to_string(),
-            "--forward",
-            &forward,
-            "--advertise",
-            &relay_addr,
-        ],
-    );
-    let local = format!("127.0.0.45:{}", free_port("127.0.0.45"));
-    tunnel(
-        &mut procs,
-        Command::new(ROAM),
-        state.path(),
-        &["listen", "--local", &local, "--to-peer", &relay_addr],
-    );
+    let (relay, local) =
+        tunnel_ends_through_relay(&rt, &mut procs, state.path(), ["127.0.0.45"; 3], &forward);
     for round in 0..3 {
         // The next connection through the relay dies 40 bytes in: inside the dialer's Hello.
         relay.kill_after_bytes(40);
