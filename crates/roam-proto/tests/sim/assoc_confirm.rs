@@ -9,23 +9,11 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use roam_proto::{
-    Associating, ConnId, EndpointId, Entropy, Epoch, Event, Frame, LocalInfo, RefuseReason,
-    Session, SessionConfig, SessionError, SessionId,
+    Associating, ConnId, Epoch, Event, Frame, RefuseReason, Session, SessionConfig, SessionError,
+    SessionId,
 };
 
-fn local(n: u8) -> LocalInfo {
-    LocalInfo {
-        endpoint: EndpointId([n; 16]),
-        contact: format!("127.0.0.{n}:7000").parse().unwrap(),
-    }
-}
-
-fn ent(n: u8) -> Entropy {
-    Entropy {
-        secret: [n; 32],
-        nonce: [n; 16],
-    }
-}
+use crate::util::{ent, local};
 
 /// Everything `from` has to send now, as frames.
 fn out(from: &mut Session, now: Instant) -> Vec<Frame> {

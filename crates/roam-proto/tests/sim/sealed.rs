@@ -7,25 +7,11 @@ use std::time::Instant;
 use bytes::BytesMut;
 use roam_proto::frame::kind;
 use roam_proto::{
-    Associating, ConnId, EndpointId, Entropy, Event, Frame, Identity, LocalInfo, PeerPolicy,
-    RefuseReason, Security, Session, SessionConfig, SessionId,
+    Associating, ConnId, Event, Frame, Identity, PeerPolicy, RefuseReason, Security, Session,
+    SessionConfig, SessionId,
 };
 
-use crate::util::World;
-
-fn local(n: u8) -> LocalInfo {
-    LocalInfo {
-        endpoint: EndpointId([n; 16]),
-        contact: format!("127.0.0.{n}:7000").parse().unwrap(),
-    }
-}
-
-fn ent(n: u8) -> Entropy {
-    Entropy {
-        secret: [n; 32],
-        nonce: [n; 16],
-    }
-}
+use crate::util::{ent, local, World};
 
 const MARKER: &[u8; 32] = b"--roam sealed-frame test marker-";
 

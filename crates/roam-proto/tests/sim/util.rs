@@ -165,6 +165,23 @@ pub fn kind(f: &Frame) -> &'static str {
     }
 }
 
+/// Host `n`'s endpoint: id `[n; 16]`, contact 127.0.0.n:7000 (for tests that drive sessions by
+/// hand, without a [`World`]).
+pub fn local(n: u8) -> LocalInfo {
+    LocalInfo {
+        endpoint: EndpointId([n; 16]),
+        contact: format!("127.0.0.{n}:7000").parse().unwrap(),
+    }
+}
+
+/// Fixed entropy: every byte `n`.
+pub fn ent(n: u8) -> Entropy {
+    Entropy {
+        secret: [n; 32],
+        nonce: [n; 16],
+    }
+}
+
 /// The test configuration: small buffers and frames so windows and splits matter.
 pub fn test_config() -> SessionConfig {
     let mut c = SessionConfig::default();
