@@ -6,14 +6,17 @@
 # run, and whether the receiver verified every byte.
 #
 #   scripts/crash-points.sh [RUNS=5] [ROAM_BINARY=target/release/roam] [BYTES=64M]
+#   POINTS="dest-after-start" scripts/crash-points.sh 5   # some points only
 #
 # Loopback only (127.0.0.21-23). Prints one line per run and a summary table per point.
 set -uo pipefail
 runs="${1:-5}"
 roam="${2:-target/release/roam}"
 bytes="${3:-64M}"
-points=(source-after-offer source-after-freeze source-after-prepared source-after-commit
-        dest-after-offer dest-mid-transfer dest-after-prepared dest-after-start)
+all="source-after-offer source-after-freeze source-after-prepared source-after-commit
+     dest-after-offer dest-mid-transfer dest-after-prepared dest-after-start"
+read -r -a points <<<"${POINTS:-$(echo $all)}"
+
 E=127.0.0.21:7000 S=127.0.0.22:7000 D=127.0.0.23:7000
 
 declare -A summary

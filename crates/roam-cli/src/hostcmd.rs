@@ -300,6 +300,7 @@ fn state_text(s: &AgentState) -> String {
     match s {
         AgentState::Migrating(t) => format!("migrating→{t}"),
         AgentState::Moved(t) => format!("moved→{t}"),
+        AgentState::Lost(t) => format!("lost with {t}"),
         AgentState::Failed(_) => "failed".into(),
         other => other.name().into(),
     }

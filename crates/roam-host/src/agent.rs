@@ -122,12 +122,20 @@ pub trait Agent: Serialize + DeserializeOwned + Send + 'static {
     /// deserialized state. Return [`Step::Yield`] soon after [`Context::signal`] fires, with the
     /// state consistent: whatever is in `self` and in the sockets is what the new host gets.
     fn run(&mut self, cx: &mut Context) -> impl Future<Output = Result<Step, AgentError>> + Send;
+
+    /// The services this agent accepts streams on from its start. The host registers them
+    /// before `roam run` returns (refusing the run if one is taken), so a client started right
+    /// after finds them; an agent may also [`Context::listen`] later. Default: none.
+    fn services(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The object-safe form of [`Agent`] the host stores.
 pub(crate) trait ErasedAgent: Send {
     fn run<'a>(&'a mut self, cx: &'a mut Context) -> BoxFuture<'a, Result<Step, AgentError>>;
     fn save(&self) -> Result<Vec<u8>, serde_json::Error>;
+    fn services(&self) -> Vec<String>;
 }
 
 impl<A: Agent> ErasedAgent for A {
@@ -136,6 +144,9 @@ impl<A: Agent> ErasedAgent for A {
     }
     fn save(&self) -> Result<Vec<u8>, serde_json::Error> {
         serde_json::to_vec(self)
+    }
+    fn services(&self) -> Vec<String> {
+        Agent::services(self)
     }
 }
 

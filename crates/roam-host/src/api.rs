@@ -52,6 +52,10 @@ pub enum AgentState {
     Failed(String),
     /// Stopped by `roam stop`.
     Stopped,
+    /// Lost with the given host: it started there in a migration, and that host failed
+    /// before confirming; this host's copy was older than what its peers had seen, so it
+    /// was not resumed (PROTOCOL.md §11.3).
+    Lost(SocketAddr),
 }
 
 impl AgentState {
@@ -64,6 +68,7 @@ impl AgentState {
             AgentState::Finished => "finished",
             AgentState::Failed(_) => "failed",
             AgentState::Stopped => "stopped",
+            AgentState::Lost(_) => "lost",
         }
     }
 }

@@ -82,7 +82,7 @@ impl IntoResponse for ApiResponse {
             "unknown_agent" => StatusCode::NOT_FOUND,
             "bad_request" => StatusCode::BAD_REQUEST,
             "busy" => StatusCode::CONFLICT,
-            "unreachable" | "refused" | "auth" => StatusCode::BAD_GATEWAY,
+            "unreachable" | "refused" | "auth" | "lost" => StatusCode::BAD_GATEWAY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, Json(self.0)).into_response()

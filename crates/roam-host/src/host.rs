@@ -386,6 +386,16 @@ impl Host {
             .registry
             .create(kind, args)
             .map_err(|e| ApiError::new("bad_request", format!("{kind}: {e}")))?;
+        let services = agent.services();
+        let taken = |s: &String| {
+            ApiError::new(
+                "busy",
+                format!("service {s:?} is already in use on {}", sh.addr),
+            )
+        };
+        if let Some(s) = services.iter().find(|s| !sh.service_free(s)) {
+            return Err(taken(s));
+        }
         let id = new_agent_id();
         let rec = self.install(
             id.clone(),
@@ -396,7 +406,16 @@ impl Host {
             unix_ms(),
             String::new(),
         );
-        let cx = sh.new_context(&id, rec.published.clone(), rec.signal.subscribe());
+        let mut cx = sh.new_context(&id, rec.published.clone(), rec.signal.subscribe());
+        // Listening before `run` returns: a client started next finds the service.
+        for s in &services {
+            if cx.listen(s).is_err() {
+                // Another run took it since the check above.
+                rec.phase
+                    .send_replace(Phase::Done(AgentState::Failed(taken(s).message)));
+                return Err(taken(s));
+            }
+        }
         tokio::spawn(agent_task(sh.clone(), rec.clone(), agent, cx));
         Ok(info_of(sh, &rec))
     }
@@ -711,7 +730,9 @@ impl Host {
                 }),
             )
             .await;
-            return Err(self.resume_here(&rec, agent, resume, &transfer, e).await);
+            return Err(self
+                .resume_here(&rec, agent, resume, &transfer, e, None)
+                .await);
         }
         let transfer_us = us(t1.elapsed());
         let _ = progress.send(Progress::Prepared { transfer_us }).await;
@@ -744,8 +765,11 @@ impl Host {
                 match outcome {
                     Some(TxnOutcome::Committed | TxnOutcome::Prepared) => (0, to),
                     _ => {
-                        // It is gone (or forgot): resume here. Its copy died with it, or if it
-                        // had re-associated the streams already, ours fail with StaleEpoch.
+                        // It is gone (or forgot). If it never started the agent, our copy is
+                        // the only one and still current: resume here. If it had, its thaw
+                        // re-associated the streams and ours are superseded (the peers refuse
+                        // them, StaleEpoch): then the agent died with it and must not run a
+                        // second time here from an older state (PROTOCOL.md §11.3 step 7).
                         lock(&sh.txns).insert(txn, TxnOutcome::Aborted);
                         let e = ApiError::new(
                             "unreachable",
@@ -754,7 +778,10 @@ impl Host {
                                 sh.addr
                             ),
                         );
-                        return Err(self.resume_here(&rec, agent, resume, &transfer, e).await);
+                        let after = AfterCommit { to, txn };
+                        return Err(self
+                            .resume_here(&rec, agent, resume, &transfer, e, Some(after))
+                            .await);
                     }
                 }
             }
@@ -819,6 +846,13 @@ impl Host {
     }
 
     /// An aborted migration: thaw the frozen sockets here and give the agent back to its task.
+    ///
+    /// `after_commit`: the destination failed after the decision to commit, so it may have
+    /// started the agent. The thaw tells: a stream whose peer refuses our image as stale was
+    /// re-associated by the destination. Then the agent ran there and this copy is older than
+    /// what its peers saw: it is not resumed (never two runs of one agent, §11.3), its sockets
+    /// are frozen again (the peers see a failure, not an end of stream) and dropped, and the
+    /// record says the agent was lost with the destination.
     async fn resume_here(
         &self,
         rec: &Arc<Record>,
@@ -826,6 +860,7 @@ impl Host {
         resume: oneshot::Sender<(Box<dyn ErasedAgent>, Context)>,
         transfer: &Transfer,
         err: ApiError,
+        after_commit: Option<AfterCommit>,
     ) -> ApiError {
         let sh = &self.shared;
         rec.signal.send_replace(false);
@@ -843,7 +878,7 @@ impl Host {
                 );
             }
         };
-        let cx = thaw_context(
+        let (cx, superseded) = thaw_context(
             sh,
             &rec.id,
             &transfer.services,
@@ -852,6 +887,29 @@ impl Host {
             rec.signal.subscribe(),
         )
         .await;
+        if let (Some(AfterCommit { to, txn }), true) = (after_commit, superseded > 0) {
+            lock(&sh.txns).insert(txn, TxnOutcome::Committed);
+            let _ = freeze_context(sh, cx).await;
+            drop((agent, resume));
+            {
+                let mut p = lock_pub(&rec.published);
+                p.streams.clear();
+                p.datagrams.clear();
+            }
+            rec.migrations.fetch_add(1, Ordering::Relaxed);
+            lock(&rec.hosts).push(to);
+            rec.phase.send_replace(Phase::Done(AgentState::Lost(to)));
+            tracing::warn!(agent = %rec.id, %to, superseded, "the destination started the agent and failed: lost with it");
+            return ApiError::new(
+                "lost",
+                format!(
+                    "{to} started the agent and failed before confirming: the agent died \
+                     with it ({superseded} of its streams had moved on there, so the copy \
+                     on {} is stale and is not resumed)",
+                    sh.addr
+                ),
+            );
+        }
         rec.phase.send_replace(Phase::Running);
         if resume.send((agent, cx)).is_err() {
             rec.phase.send_replace(Phase::Done(AgentState::Failed(
@@ -860,6 +918,13 @@ impl Host {
         }
         err
     }
+}
+
+/// A migration that failed after the decision to commit (see [`Host::resume_here`]).
+#[derive(Debug, Clone, Copy)]
+struct AfterCommit {
+    to: SocketAddr,
+    txn: u64,
 }
 
 /// Messages' size, for reports.
@@ -1105,6 +1170,8 @@ fn decode_sockets(t: &Transfer) -> Result<Decoded, String> {
 }
 
 /// Bring a decoded agent's sockets to life on this host and return its context.
+/// Thaw an agent's sockets into a new context. Also returns how many streams their peers
+/// refused as stale: another copy of those images was thawed first (§11.3).
 async fn thaw_context(
     sh: &Arc<HostShared>,
     id: &str,
@@ -1112,7 +1179,8 @@ async fn thaw_context(
     d: Decoded,
     published: PublishedRef,
     signal: watch::Receiver<bool>,
-) -> Context {
+) -> (Context, usize) {
+    let mut superseded = 0;
     let mut cx = sh.new_context(id, published, signal);
     for s in services {
         if let Err(e) = cx.listen(s) {
@@ -1141,6 +1209,9 @@ async fn thaw_context(
                 }
             }
             (name, service, Err(e)) => {
+                if matches!(e, roam::ThawError::Refused(roam::RefuseReason::StaleEpoch)) {
+                    superseded += 1;
+                }
                 tracing::warn!(?name, ?service, error = %e, "stream could not be thawed")
             }
             _ => {}
@@ -1161,7 +1232,7 @@ async fn thaw_context(
             Err(e) => tracing::warn!(%name, error = %e, "datagram socket could not be thawed"),
         }
     }
-    cx
+    (cx, superseded)
 }
 
 /// Thaw a stream on this host. Both ends of one session cannot live on one endpoint (they
@@ -1462,7 +1533,7 @@ async fn serve_channel(sh: Arc<HostShared>, mut ch: Channel) {
         t.started_unix_ms,
         t.status.clone(),
     );
-    let cx = thaw_context(
+    let (cx, _) = thaw_context(
         &sh,
         &t.agent,
         &t.services,

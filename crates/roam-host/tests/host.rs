@@ -149,7 +149,9 @@ async fn garbage_at_a_daemons_address_changes_nothing() {
         .run("bulk-send", &[format!("{}/bulk", b.addr()), "64M".into()])
         .unwrap()
         .id;
-    migrate(&a, &send, b.addr()).await.unwrap();
+    if let Err(e) = migrate(&a, &send, b.addr()).await {
+        panic!("migration failed ({e}): {:?}", a.agent(&send));
+    }
     until("the transfer", || {
         b.agent(&recv).unwrap().state != AgentState::Running
     })
@@ -182,6 +184,48 @@ async fn bad_requests_get_typed_errors() {
     let stopped = a.stop(&echo).await.unwrap();
     assert_eq!(stopped.state, AgentState::Stopped);
     assert_eq!(a.stop(&echo).await.unwrap_err().code, "bad_request");
+}
+
+/// `run` returns once the agent's services are registered: a client started right after
+/// finds them, and a second agent wanting the same service is refused at once (before, both
+/// runs succeeded and the loser failed later; a client could race the listener).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_returns_with_the_agents_services_registered() {
+    let a = host("127.0.0.90", [4u8; 32]).await;
+    let b = host("127.0.0.91", [4u8; 32]).await;
+    for round in 0..20 {
+        let service = format!("bulk{round}");
+        let recv = b
+            .run("bulk-recv", std::slice::from_ref(&service))
+            .unwrap()
+            .id;
+        let again = b
+            .run("bulk-recv", std::slice::from_ref(&service))
+            .unwrap_err();
+        assert_eq!(again.code, "busy", "{again:?}");
+        assert!(again.message.contains("already in use"), "{again:?}");
+        let echo = b.run("echo", std::slice::from_ref(&service)).unwrap_err();
+        assert_eq!(echo.code, "busy", "{echo:?}");
+        // The sender starts at once; it must find the receiver listening.
+        let send = a
+            .run(
+                "bulk-send",
+                &[format!("{}/{service}", b.addr()), "4K".into()],
+            )
+            .unwrap()
+            .id;
+        until("the transfer", || {
+            b.agent(&recv).unwrap().state != AgentState::Running
+        })
+        .await;
+        let r = b.agent(&recv).unwrap();
+        assert_eq!(
+            r.status, "received 4096 bytes: OK 4096",
+            "round {round}: {r:?}"
+        );
+        let s = a.agent(&send).unwrap();
+        assert_ne!(s.state.name(), "failed", "round {round}: {s:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

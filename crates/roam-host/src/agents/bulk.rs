@@ -156,12 +156,17 @@ impl Agent for BulkRecv {
         })
     }
 
+    fn services(&self) -> Vec<String> {
+        vec![self.service.clone()]
+    }
+
     async fn run(&mut self, cx: &mut Context) -> Result<Step, AgentError> {
         let mut signal = cx.signal();
         if !cx.has_stream(DATA) {
             if !self.header.is_empty() {
                 return Err(AgentError::Failed("the data stream was lost".into()));
             }
+            cx.listen(&self.service)?;
             cx.set_status("waiting for a sender");
             tokio::select! {
                 _ = signal.requested() => return Ok(Step::Yield),

@@ -33,6 +33,10 @@ impl Agent for Echo {
         })
     }
 
+    fn services(&self) -> Vec<String> {
+        vec![self.service.clone()]
+    }
+
     async fn run(&mut self, cx: &mut Context) -> Result<Step, AgentError> {
         let mut signal = cx.signal();
         cx.listen(&self.service)?;
