@@ -714,6 +714,10 @@ pub struct Session {
     /// Where the next dial goes instead of `peer.contact`: learned from an (unauthenticated)
     /// `Moved`, dropped when a dial there fails, adopted as the contact once it succeeds.
     redirect: Option<SocketAddr>,
+    /// The endpoint id at `redirect`, when the peer proved it is there with a verified
+    /// `Reassoc` of its own (§5.5); adopted with the address once a dial there succeeds (an
+    /// `Accept` does not name the endpoint).
+    redirect_endpoint: Option<EndpointId>,
     /// `Moved` answers followed since the last successful re-association (PROTOCOL.md §5.4).
     redirects: u32,
     link: Option<Link>,
@@ -806,6 +810,7 @@ impl Session {
             unconfirmed: None,
             dialing: None,
             redirect: None,
+            redirect_endpoint: None,
             redirects: 0,
             link: None,
             dialer: false,
@@ -1822,6 +1827,7 @@ impl Session {
             return;
         }
         self.redirect = Some(moved.contact);
+        self.redirect_endpoint = None;
         self.redirects = self.redirects.saturating_add(1);
         if self.redirects <= MAX_REDIRECTS {
             self.next_dial = Some(now);
@@ -1889,8 +1895,14 @@ impl Session {
         // Keys we accepted from the peer were derived from the key we just replaced: no
         // request can complete them any more (PROTOCOL.md §5.5).
         self.pending.clear();
-        // The Accept proves the key holder answered at the address we dialed (§5.4).
+        // The Accept proves the key holder answered at the address we dialed (§5.4). If the
+        // peer itself told us it moved there (its verified request, §5.5), it is that endpoint.
         self.peer.contact = addr;
+        if self.redirect == Some(addr) {
+            if let Some(e) = self.redirect_endpoint {
+                self.peer.endpoint = e;
+            }
+        }
         // ack_in_range checked above, so this cannot fail.
         let _ = self.on_ack(accept.recv);
         self.stats.reassociations += 1;
@@ -1942,6 +1954,7 @@ impl Session {
                 // The peer proved it is at `req.contact`. If our dial went elsewhere (its old
                 // address) and fails, the next one goes there at once.
                 self.redirect = Some(req.contact);
+                self.redirect_endpoint = Some(req.endpoint);
             }
             return Err(RefuseReason::Busy);
         }
@@ -2102,6 +2115,7 @@ impl Session {
     fn install_link(&mut self, _proof: ProofOfKey, now: Instant, conn: ConnId, dialer: bool) {
         self.unconfirmed = None;
         self.redirect = None;
+        self.redirect_endpoint = None;
         self.redirects = 0;
         // Fresh keys for every connection: each is installed under a key no earlier connection
         // used (a new association, or a ratchet with a fresh DH secret), so frame counters
