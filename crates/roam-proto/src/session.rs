@@ -75,8 +75,9 @@ pub struct SessionConfig {
     /// unacknowledged byte. Default 2 s.
     pub freeze_timeout: Duration,
     /// First delay before redialing a lost connection; doubles up to `redial_max`. Default 10 ms.
+    /// Each wait is jittered: between half the backoff and the whole of it (PROTOCOL.md §8).
     pub redial_initial: Duration,
-    /// Longest delay between redials. Default 1 s.
+    /// Longest delay between redials (before jitter). Default 1 s.
     pub redial_max: Duration,
     /// Re-associations accepted but not yet confirmed that a session remembers. Default 4.
     pub max_pending_reassoc: usize,
@@ -551,6 +552,8 @@ pub struct Associating {
     eph: Ephemeral,
     hello: Hello,
     security: Security,
+    /// Seed of the session's redial jitter, from the entropy passed in.
+    jitter: u64,
 }
 
 /// The input keying material of `k_0` (PROTOCOL.md §5.1): `DH(e_d, e_l)`, then
@@ -567,6 +570,22 @@ fn association_ikm(
     ikm.extend(dialer_static);
     ikm.extend(psk.copied());
     ikm
+}
+
+/// A seed for the redial jitter from the entropy passed in. Its nonce goes out in the clear
+/// in the handshake frame anyway; the jitter needs no secrecy, only that sessions differ.
+fn jitter_seed(entropy: &Entropy) -> u64 {
+    u64::from_le_bytes(entropy.nonce[..8].try_into().unwrap_or_default())
+        ^ u64::from_le_bytes(entropy.nonce[8..].try_into().unwrap_or_default())
+}
+
+/// SplitMix64: one step of the jitter generator (not for anything secret).
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Associating {
@@ -601,6 +620,7 @@ impl Associating {
                 eph,
                 hello,
                 security,
+                jitter: jitter_seed(entropy),
             },
             frame,
         )
@@ -663,7 +683,7 @@ impl Associating {
             endpoint: w.endpoint,
             contact: w.contact,
         };
-        let mut s = Session::new(config, w.session, self.local, peer, key, now);
+        let mut s = Session::new(config, w.session, self.local, peer, key, now, self.jitter);
         s.secure = !self.security.insecure_plaintext;
         s.suite = suite;
         s.peer_identity = w.identity;
@@ -729,6 +749,9 @@ pub struct Session {
     down_since: Option<Instant>,
     next_dial: Option<Instant>,
     backoff: Duration,
+    /// State of the generator of the redial jitter (PROTOCOL.md §8), seeded and refreshed from
+    /// the entropy passed in: the core draws no randomness of its own.
+    jitter: u64,
     failure: Option<SessionError>,
 
     // Send direction (PROTOCOL.md §4.1).
@@ -788,10 +811,12 @@ impl Session {
         peer: PeerInfo,
         key: SessionKey,
         now: Instant,
+        jitter: u64,
     ) -> Session {
         let config = config.normalized();
         Session {
             backoff: config.redial_initial,
+            jitter,
             config,
             id,
             local,
@@ -927,7 +952,7 @@ impl Session {
             endpoint: hello.endpoint,
             contact: hello.contact,
         };
-        let mut s = Session::new(config, id, local, peer, key, now);
+        let mut s = Session::new(config, id, local, peer, key, now, jitter_seed(entropy));
         s.secure = !security.insecure_plaintext;
         s.suite = suite;
         s.peer_identity = hello.identity;
@@ -944,6 +969,10 @@ impl Session {
         config: SessionConfig,
         now: Instant,
     ) -> Session {
+        // No entropy is passed to a thaw: the jitter starts from the (random) session id and
+        // this host's endpoint id, and every dial mixes in the entropy it is given.
+        let seed = u64::from_le_bytes(image.session.0[..8].try_into().unwrap_or_default())
+            ^ u64::from_le_bytes(local.endpoint.0[..8].try_into().unwrap_or_default());
         let mut s = Session::new(
             config,
             image.session,
@@ -951,6 +980,7 @@ impl Session {
             image.peer,
             image.key.clone(),
             now,
+            seed,
         );
         s.epoch = image.epoch;
         s.secure = image.secure;
@@ -1607,9 +1637,20 @@ impl Session {
     /// usual backoff: the peer redials too if it is still there, and the tie-break settles it.
     fn pending_conn_gone(&mut self, now: Instant) {
         if self.waiting_to_redial() {
-            let t = now + self.backoff;
+            let t = now + self.jittered_backoff();
             self.next_dial = Some(self.next_dial.map_or(t, |d| d.min(t)));
         }
+    }
+
+    /// The wait before the next redial: the current backoff with "equal jitter", half of it
+    /// plus a uniform random part of up to the other half (PROTOCOL.md §8). Sessions that lost
+    /// their connections together (a restarted relay or peer, a network cut) would otherwise
+    /// redial in lockstep, 10, 20, 40 ms … after the loss, and keep colliding.
+    fn jittered_backoff(&mut self) -> Duration {
+        let half = self.backoff / 2;
+        let span = u64::try_from((self.backoff - half).as_nanos()).unwrap_or(u64::MAX);
+        let r = splitmix64(&mut self.jitter);
+        half + Duration::from_nanos(r % span.saturating_add(1))
     }
 
     /// This side redials (it dialed last) and has neither a connection nor a dial in flight.
@@ -1676,7 +1717,7 @@ impl Session {
             if fresh {
                 self.next_dial = Some(now);
             } else {
-                self.next_dial = Some(now + self.backoff);
+                self.next_dial = Some(now + self.jittered_backoff());
                 self.backoff = (self.backoff * 2).min(self.config.redial_max);
             }
         }
@@ -1783,6 +1824,7 @@ impl Session {
     /// `Reassoc` to send on it.
     pub fn start_reassoc(&mut self, now: Instant, conn: ConnId, entropy: &Entropy) -> Frame {
         let _ = now;
+        self.jitter ^= jitter_seed(entropy);
         let addr = self.dialing.as_ref().map_or(self.peer.contact, |d| d.addr);
         let eph = Ephemeral::new(entropy.secret);
         let mut r = Reassoc {
@@ -1832,7 +1874,7 @@ impl Session {
         if self.redirects <= MAX_REDIRECTS {
             self.next_dial = Some(now);
         } else {
-            self.next_dial = Some(now + self.backoff);
+            self.next_dial = Some(now + self.jittered_backoff());
             self.backoff = (self.backoff * 2).min(self.config.redial_max);
         }
     }
