@@ -708,6 +708,74 @@ fn crash_of_the_destination_leaves_the_agent_running_exactly_once() {
     );
 }
 
+/// `dest-after-start` with an agent that has datagram sockets only: its peers refuse the
+/// source's stale re-association silently (no `StaleEpoch` answer as for streams), so the
+/// source must wait for their acknowledgements before it runs its copy again. The destination
+/// re-associated the collector first: the source hears nothing, and the agent is lost with
+/// the destination, never resumed from the older state (which would also reuse the
+/// destination's packet counters under the same key).
+#[test]
+fn a_datagram_agent_whose_destination_dies_after_starting_it_is_not_resumed() {
+    const POINT: &str = "dest-after-start";
+    let (a, b, cc) = ("127.0.0.79:7300", "127.0.0.80:7300", "127.0.0.81:7300");
+    let mut c = Cluster::new("dgram-after-start");
+    c.start(a);
+    c.start_with(
+        b,
+        DaemonOpts {
+            crash_at: Some(POINT),
+            ..DaemonOpts::default()
+        },
+    );
+    c.start(cc);
+    let coll = c.run(cc, "collector", &["7301"]);
+    let tele = c.run(a, "telemetry", &["127.0.0.81:7301", "100000", "2"]);
+    c.wait_status(&tele, a, "20 readings sent", |s| telemetry_sent(s) >= 20);
+    let out = c.cli(&["migrate", &tele, "--to", b, "--json"]);
+    expect_crash(&mut c, b, POINT);
+    let recs = c.records(&tele);
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    let rec = &recs[0];
+    // Where the collector's association table says the reporter is: at B if B's re-association
+    // got out before B died (then the source's copy is stale), else at A.
+    let ps = c.cli(&["ps", "--json", "--all"]).expect_ok("roam ps");
+    let all: serde_json::Value = serde_json::from_str(&ps.stdout).expect("ps JSON");
+    let col_peers = all
+        .as_array()
+        .and_then(|v| v.iter().find(|x| x["id"] == coll.as_str()))
+        .map(|x| x["sockets"][0]["peers"].to_string())
+        .unwrap_or_default();
+    eprintln!(
+        "collector's peers: {col_peers}; reporter: {} {}",
+        rec.state, rec.detail
+    );
+    match rec.state.as_str() {
+        "moved" => assert!(out.ok(), "the source saw the confirmation: {out:?}"),
+        "lost" => {
+            let e = out.expect_fail("the migration whose destination died after starting");
+            assert!(e.contains("is stale and is not resumed"), "{e}");
+            assert!(col_peers.contains("127.0.0.80"), "{col_peers}");
+        }
+        "running" | "finished" => {
+            // Resumed at A: only right if B's re-association never reached the collector.
+            out.expect_fail("the migration the source believes failed");
+            assert!(
+                !col_peers.contains("127.0.0.80"),
+                "the collector had moved on to B, yet the source resumed its copy: {col_peers}"
+            );
+            // Whatever reached the collector arrived once.
+            let col = c.wait_running_on(&coll, cc);
+            assert!(col.status.ends_with(" 0 duplicates"), "{col:?}");
+            return;
+        }
+        other => panic!("the agent must be moved, lost or resumed, not {other}: {recs:#?}"),
+    }
+    assert_eq!(rec.detail, b, "{recs:#?}");
+    expect_gone_for(&c, &tele, Duration::from_secs(2), POINT);
+    let col = c.wait_running_on(&coll, cc);
+    assert!(col.status.ends_with(" 0 duplicates"), "{col:?}");
+}
+
 #[test]
 fn crash_of_the_source_leaves_the_agent_running_at_most_once() {
     run_scenarios(

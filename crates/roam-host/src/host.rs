@@ -27,6 +27,9 @@ const SERVICE_BACKLOG: usize = 64;
 const MAX_RECORDS: usize = 1000;
 /// How long `Host::stop` waits for the agent's task to end (it only drops futures).
 const STOP_WAIT: Duration = Duration::from_secs(1);
+/// How long a destination waits for an arriving agent's datagram peers to acknowledge the
+/// re-association before it runs the agent (a peer that is down does not hold it up longer).
+const DATAGRAM_REASSOC_WAIT: Duration = Duration::from_secs(1);
 
 /// A step of the migration transaction at which a daemon can be made to crash (test hook for
 /// crash-safety tests: `ROAM_CRASH_AT=<name>` in `roam host`'s environment).
@@ -887,7 +890,16 @@ impl Host {
             rec.signal.subscribe(),
         )
         .await;
-        if let (Some(AfterCommit { to, txn }), true) = (after_commit, superseded > 0) {
+        // Streams answer at once (a peer refuses a stale image); datagram peers refuse one
+        // silently, so the agent gets its datagram sockets back only once every peer has
+        // taken our re-association (before that, nothing of the agent's is sent).
+        let stale = match after_commit {
+            Some(_) if superseded == 0 => {
+                !datagram_peers_confirm(&cx, sh.config.step_timeout).await
+            }
+            other => other.is_some(),
+        };
+        if let (Some(AfterCommit { to, txn }), true) = (after_commit, stale) {
             lock(&sh.txns).insert(txn, TxnOutcome::Committed);
             let _ = freeze_context(sh, cx).await;
             drop((agent, resume));
@@ -904,8 +916,9 @@ impl Host {
                 "lost",
                 format!(
                     "{to} started the agent and failed before confirming: the agent died \
-                     with it ({superseded} of its streams had moved on there, so the copy \
-                     on {} is stale and is not resumed)",
+                     with it (its peers had re-associated with {to}: {superseded} streams \
+                     refused as stale, or datagram peers silent; the copy on {} is stale \
+                     and is not resumed)",
                     sh.addr
                 ),
             );
@@ -918,6 +931,28 @@ impl Host {
         }
         err
     }
+}
+
+/// After a failure past the commit: whether every peer of the agent's thawed datagram
+/// sockets acknowledged our re-association within `wait`. A peer that the destination
+/// re-associated first drops ours silently (same epoch from another address, PROTOCOL.md
+/// §10.5) and is reported unreachable; so is a peer that is down, and then the copy here is
+/// not trusted either (it may be stale, and resuming a stale datagram socket would reuse the
+/// destination's packet counters under the same key).
+async fn datagram_peers_confirm(cx: &Context, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    for slot in cx.datagrams.values() {
+        let sock = &slot.socket;
+        while sock.peers().iter().any(|p| p.reassociating) {
+            match tokio::time::timeout_at(deadline, sock.next_event()).await {
+                Ok(Some(roam::DatagramEvent::PeerUnreachable { .. })) | Ok(None) | Err(_) => {
+                    return false
+                }
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+    true
 }
 
 /// A migration that failed after the decision to commit (see [`Host::resume_here`]).
@@ -1542,6 +1577,11 @@ async fn serve_channel(sh: Arc<HostShared>, mut ch: Channel) {
         rec.signal.subscribe(),
     )
     .await;
+    // Streams are re-associated once thawed; datagram peers are given a moment to take our
+    // re-association before the agent sends anything, so a datagram of this copy never
+    // precedes it: a peer that answers the source instead (after we die) has seen nothing of
+    // this copy, and the source may resume its own (`Host::resume_here`).
+    datagram_peers_confirm(&cx, DATAGRAM_REASSOC_WAIT).await;
     let mut watches: Vec<_> = cx.streams.values().map(|s| s.watch_connected()).collect();
     tokio::spawn(agent_task(sh.clone(), rec, agent, cx));
     let thaw_us = us(t0.elapsed());
