@@ -168,6 +168,19 @@ struct Record {
     last_migration: Mutex<Option<MigrationReport>>,
 }
 
+impl Record {
+    /// The agent's migration to `to` ended its life here (`Moved`, or `Lost` with `to`): count
+    /// the move and let go of the published sockets.
+    fn left_for(&self, to: SocketAddr, end: AgentState) {
+        self.migrations.fetch_add(1, Ordering::Relaxed);
+        lock(&self.hosts).push(to);
+        self.phase.send_replace(Phase::Done(end));
+        let mut p = lock_pub(&self.published);
+        p.streams.clear();
+        p.datagrams.clear();
+    }
+}
+
 /// A paused agent, handed from its task to a migration; `resume` gives it back.
 struct Parked {
     agent: Box<dyn ErasedAgent>,
@@ -794,14 +807,7 @@ impl Host {
         // The agent's task ends: it will not be resumed here.
         drop((agent, resume));
         let _ = contact;
-        rec.migrations.fetch_add(1, Ordering::Relaxed);
-        lock(&rec.hosts).push(to);
-        rec.phase.send_replace(Phase::Done(AgentState::Moved(to)));
-        {
-            let mut p = lock_pub(&rec.published);
-            p.streams.clear();
-            p.datagrams.clear();
-        }
+        rec.left_for(to, AgentState::Moved(to));
         let total_us = us(t0.elapsed());
         let (resume_us, all_connected) = match tokio::time::timeout(step, ch.recv()).await {
             Ok(Ok(Msg::Resumed {
@@ -894,24 +900,21 @@ impl Host {
         // silently, so the agent gets its datagram sockets back only once every peer has
         // taken our re-association (before that, nothing of the agent's is sent).
         let stale = match after_commit {
-            Some(_) if superseded == 0 => {
-                !datagram_peers_confirm(&cx, sh.config.step_timeout).await
+            Some(_) => {
+                let wait = sh.config.step_timeout;
+                superseded > 0 || !datagram_peers_confirm(&cx, wait).await
             }
-            other => other.is_some(),
+            None => false,
         };
         if let (Some(AfterCommit { to, txn }), true) = (after_commit, stale) {
             lock(&sh.txns).insert(txn, TxnOutcome::Committed);
             let _ = freeze_context(sh, cx).await;
             drop((agent, resume));
-            {
-                let mut p = lock_pub(&rec.published);
-                p.streams.clear();
-                p.datagrams.clear();
-            }
-            rec.migrations.fetch_add(1, Ordering::Relaxed);
-            lock(&rec.hosts).push(to);
-            rec.phase.send_replace(Phase::Done(AgentState::Lost(to)));
-            tracing::warn!(agent = %rec.id, %to, superseded, "the destination started the agent and failed: lost with it");
+            rec.left_for(to, AgentState::Lost(to));
+            tracing::warn!(
+                agent = %rec.id, %to, superseded,
+                "destination failed after starting the agent: lost with it"
+            );
             return ApiError::new(
                 "lost",
                 format!(
@@ -1204,9 +1207,8 @@ fn decode_sockets(t: &Transfer) -> Result<Decoded, String> {
     Ok(d)
 }
 
-/// Bring a decoded agent's sockets to life on this host and return its context.
-/// Thaw an agent's sockets into a new context. Also returns how many streams their peers
-/// refused as stale: another copy of those images was thawed first (§11.3).
+/// Bring a decoded agent's sockets to life on this host and return its context, and how many
+/// streams their peers refused as stale: another copy of those images was thawed first (§11.3).
 async fn thaw_context(
     sh: &Arc<HostShared>,
     id: &str,
