@@ -588,6 +588,16 @@ fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A dialer's redirect (see `Session::redirect`).
+#[derive(Debug, Clone, Copy)]
+struct Redirect {
+    addr: SocketAddr,
+    /// The endpoint there, when the peer proved it is there with a verified `Reassoc` of its
+    /// own (§5.5); adopted with the address once a dial there succeeds (an `Accept` does not
+    /// name the endpoint). `None` for an (unauthenticated) `Moved`.
+    endpoint: Option<EndpointId>,
+}
+
 impl Associating {
     /// Begin associating with the default (secure, trust-on-first-use) settings: returns the
     /// state to keep and the `Hello` to send.
@@ -733,11 +743,7 @@ pub struct Session {
     dialing: Option<Dialing>,
     /// Where the next dial goes instead of `peer.contact`: learned from an (unauthenticated)
     /// `Moved`, dropped when a dial there fails, adopted as the contact once it succeeds.
-    redirect: Option<SocketAddr>,
-    /// The endpoint id at `redirect`, when the peer proved it is there with a verified
-    /// `Reassoc` of its own (§5.5); adopted with the address once a dial there succeeds (an
-    /// `Accept` does not name the endpoint).
-    redirect_endpoint: Option<EndpointId>,
+    redirect: Option<Redirect>,
     /// `Moved` answers followed since the last successful re-association (PROTOCOL.md §5.4).
     redirects: u32,
     link: Option<Link>,
@@ -835,7 +841,6 @@ impl Session {
             unconfirmed: None,
             dialing: None,
             redirect: None,
-            redirect_endpoint: None,
             redirects: 0,
             link: None,
             dialer: false,
@@ -1653,6 +1658,12 @@ impl Session {
         half + Duration::from_nanos(r % span.saturating_add(1))
     }
 
+    /// Schedule the next dial after the (jittered) backoff, and double the backoff.
+    fn redial_after_backoff(&mut self, now: Instant) {
+        self.next_dial = Some(now + self.jittered_backoff());
+        self.backoff = (self.backoff * 2).min(self.config.redial_max);
+    }
+
     /// This side redials (it dialed last) and has neither a connection nor a dial in flight.
     fn waiting_to_redial(&self) -> bool {
         self.dialer
@@ -1709,7 +1720,7 @@ impl Session {
         }
         // A redirect learned while this dial was under way (from the peer's own request,
         // §5.5) is tried at once; one that this dial already tried is dropped.
-        let fresh = self.redirect.is_some_and(|r| r != d.addr);
+        let fresh = self.redirect.is_some_and(|r| r.addr != d.addr);
         if !fresh {
             self.redirect = None;
         }
@@ -1717,8 +1728,7 @@ impl Session {
             if fresh {
                 self.next_dial = Some(now);
             } else {
-                self.next_dial = Some(now + self.jittered_backoff());
-                self.backoff = (self.backoff * 2).min(self.config.redial_max);
+                self.redial_after_backoff(now);
             }
         }
     }
@@ -1799,7 +1809,7 @@ impl Session {
             }
             if self.next_dial.is_some_and(|t| t <= now) && self.dialing.is_none() {
                 self.next_dial = None;
-                let addr = self.redirect.unwrap_or(self.peer.contact);
+                let addr = self.redirect.map_or(self.peer.contact, |r| r.addr);
                 self.dialing = Some(Dialing {
                     addr,
                     conn: None,
@@ -1868,14 +1878,15 @@ impl Session {
         if self.phase != Phase::Open || self.link.is_some() || self.peer_migrating {
             return;
         }
-        self.redirect = Some(moved.contact);
-        self.redirect_endpoint = None;
+        self.redirect = Some(Redirect {
+            addr: moved.contact,
+            endpoint: None,
+        });
         self.redirects = self.redirects.saturating_add(1);
         if self.redirects <= MAX_REDIRECTS {
             self.next_dial = Some(now);
         } else {
-            self.next_dial = Some(now + self.jittered_backoff());
-            self.backoff = (self.backoff * 2).min(self.config.redial_max);
+            self.redial_after_backoff(now);
         }
     }
 
@@ -1940,8 +1951,12 @@ impl Session {
         // The Accept proves the key holder answered at the address we dialed (§5.4). If the
         // peer itself told us it moved there (its verified request, §5.5), it is that endpoint.
         self.peer.contact = addr;
-        if self.redirect == Some(addr) {
-            if let Some(e) = self.redirect_endpoint {
+        if let Some(Redirect {
+            addr: at,
+            endpoint: Some(e),
+        }) = self.redirect
+        {
+            if at == addr {
                 self.peer.endpoint = e;
             }
         }
@@ -1995,8 +2010,10 @@ impl Session {
             if req.endpoint != self.local.endpoint && self.request_verifies(req, &signed) {
                 // The peer proved it is at `req.contact`. If our dial went elsewhere (its old
                 // address) and fails, the next one goes there at once.
-                self.redirect = Some(req.contact);
-                self.redirect_endpoint = Some(req.endpoint);
+                self.redirect = Some(Redirect {
+                    addr: req.contact,
+                    endpoint: Some(req.endpoint),
+                });
             }
             return Err(RefuseReason::Busy);
         }
@@ -2157,7 +2174,6 @@ impl Session {
     fn install_link(&mut self, _proof: ProofOfKey, now: Instant, conn: ConnId, dialer: bool) {
         self.unconfirmed = None;
         self.redirect = None;
-        self.redirect_endpoint = None;
         self.redirects = 0;
         // Fresh keys for every connection: each is installed under a key no earlier connection
         // used (a new association, or a ratchet with a fresh DH secret), so frame counters
